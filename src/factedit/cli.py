@@ -1,0 +1,231 @@
+"""Command-line interface. Every input is validated before the model is loaded; user errors print
+one line naming the record or file and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+from . import config as cfgmod
+from .errors import FactEditError
+
+log = logging.getLogger("factedit")
+
+
+def _split_sets(pairs: list[str] | None) -> tuple[dict, dict]:
+    """--set key=value -> (method overrides, eval overrides); eval keys are written ``eval.key``."""
+    method, ev = {}, {}
+    for k, v in cfgmod.parse_sets(pairs).items():
+        (ev if k.startswith("eval.") else method)[k.removeprefix("eval.")] = v
+    return method, ev
+
+
+def _editor_class_checked(name: str, overrides: dict):
+    from .registry import get_editor_class
+
+    cls = get_editor_class(name)
+    cfgmod.build(cls.Config, overrides, what=f"{name} config")  # reject unknown keys / bad values now
+    return cls
+
+
+def _general_text(data_dir: Path | None) -> str | None:
+    from .data.io import _open_text
+    from .data.paths import BENCH_FILES
+
+    if data_dir is None:
+        return None
+    path = data_dir / BENCH_FILES["wikitext"]
+    return _open_text(path) if path.exists() else None
+
+
+def cmd_methods(args) -> int:
+    from .registry import list_methods
+
+    for name, desc in list_methods().items():
+        print(f"{name:10s} {desc}")
+    return 0
+
+
+def _load_cases(bench: str, data: str | None, limit: int | None, zsre_target: str):
+    from .data import default_bench_file, load_counterfact, load_zsre
+
+    path = Path(data) if data else default_bench_file(bench)
+    if bench == "counterfact":
+        return path, load_counterfact(path, limit)
+    if bench == "zsre":
+        return path, load_zsre(path, limit, target=zsre_target)
+    raise FactEditError(f"unknown bench '{bench}' (known: counterfact, zsre)")
+
+
+def cmd_eval(args) -> int:
+    from .data.paths import default_data_dir
+    from .eval.harness import Runner, eval_config
+    from .eval.report import table
+    from .lm.load import load_lm
+
+    m_over, e_over = _split_sets(args.set)
+    cls = _editor_class_checked(args.method, m_over)
+    ecfg = eval_config(e_over)
+    if args.limit is not None and args.limit < 1:
+        raise FactEditError("--limit must be at least 1")
+    path, cases = _load_cases(args.bench, args.data, args.limit, args.zsre_target)
+    text = _general_text(Path(args.data_dir) if args.data_dir else default_data_dir())
+    lm = load_lm(args.model)
+    editor = cls.create(lm, m_over)
+    for c in cases:  # subject/token checks before any model work
+        editor.validate(lm, [c.request])
+    runner = Runner(lm, editor, cases, bench=args.bench, mode=args.mode, out=Path(args.out),
+                    edit_batch=args.batch_size, eval_cfg=ecfg, general_text=text, data=str(path))
+    summary = runner.run()
+    print(table(summary))
+    print(f"run folder: {args.out}")
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from .data import load_facts
+    from .lm.load import load_lm
+
+    m_over, _ = _split_sets(args.set)
+    cls = _editor_class_checked(args.method, m_over)
+    requests = load_facts(args.facts)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FactEditError(f"output folder '{out}' exists and is not empty (use --overwrite)")
+    lm = load_lm(args.model)
+    editor = cls.create(lm, m_over)
+    t0 = time.perf_counter()
+    patch = editor.compute(lm, requests)
+    dt = time.perf_counter() - t0
+    patch.meta["edit_s"] = dt
+    patch.save(out)
+    print(f"{len(requests)} facts edited with {args.method} in {dt:.1f} s ({patch.n_params():,} patch parameters); "
+          f"patch saved to {out}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from .eval.scoring import sample
+    from .lm.load import load_lm
+    from .patch.io import load_patch
+
+    patch = load_patch(args.patch)
+    if args.merge and not args.out:
+        raise FactEditError("--merge needs --out DIR to write the merged model")
+    if args.merge and patch.kind != "weights":
+        raise FactEditError(f"{args.patch}: a {patch.kind} patch ({patch.method}) is input-dependent and cannot be "
+                            "merged into weights; apply it at load time instead")
+    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise FactEditError(f"output folder '{args.out}' exists and is not empty")
+    lm = load_lm(args.model)
+    prompts = args.prompt or [r.prompt for r in patch.requests][:10]
+    before = [sample(lm, p, len(p.split()) + 16, greedy=True, stop_at_eos=True) for p in prompts]
+    handle = patch.apply(lm, force=args.force)
+    for p, b in zip(prompts, before):
+        a = sample(lm, p, len(p.split()) + 16, greedy=True, stop_at_eos=True)
+        print(f"{p}\n   before: {b.strip()[:80]}\n   after:  {a.strip()[:80]}")
+    if args.merge:
+        handle.merge()
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            lm.model.save_pretrained(tmp, safe_serialization=True)
+            lm.tokenizer.save_pretrained(tmp)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        print(f"merged model saved to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    m_over, e_over = _split_sets(args.set)
+    _editor_class_checked(args.method, m_over)
+    return run_demo(args.model, args.method, m_over, e_over, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="factedit", description="Knowledge editing for causal LMs")
+    p.add_argument("--version", action="version", version=f"factedit {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, method_default=None):
+        sp.add_argument("--model", default="smollm2-135m", help="embedded name or local HF folder")
+        sp.add_argument("--method", default=method_default, required=method_default is None)
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a method config key (eval.KEY for evaluation keys); repeatable")
+
+    sp = sub.add_parser("demo", help="edit a few shipped example facts on the embedded model and evaluate")
+    common(sp, method_default="ft")
+    sp.add_argument("--out", default=None, help="run folder (default: a temporary folder)")
+    sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("methods", help="list editing methods")
+    sp.set_defaults(fn=cmd_methods)
+
+    sp = sub.add_parser("edit", help="compute a patch for facts in a JSONL/JSON/CSV file")
+    common(sp)
+    sp.add_argument("--facts", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(fn=cmd_edit)
+
+    sp = sub.add_parser("apply", help="apply a saved patch; show its effect or save the merged model")
+    sp.add_argument("--model", default="smollm2-135m")
+    sp.add_argument("--patch", required=True)
+    sp.add_argument("--merge", action="store_true")
+    sp.add_argument("--out")
+    sp.add_argument("--force", action="store_true", help="apply even if the base fingerprint differs")
+    sp.add_argument("--prompt", action="append", help="prompt to show before/after (default: the patch's)")
+    sp.set_defaults(fn=cmd_apply)
+
+    sp = sub.add_parser("eval", help="edit and evaluate on a benchmark")
+    common(sp)
+    sp.add_argument("--bench", required=True, choices=["counterfact", "zsre"])
+    sp.add_argument("--data", help="benchmark file (default: shared/data beside the checkout)")
+    sp.add_argument("--data-dir", help="data folder for WikiText-2 (default: FACTEDIT_DATA or shared/data)")
+    sp.add_argument("--mode", default="batch", choices=["single", "batch", "sequential"])
+    sp.add_argument("--batch-size", type=int, default=100, help="edits per round in sequential mode")
+    sp.add_argument("--limit", type=int, help="first N records")
+    sp.add_argument("--zsre-target", default="answer", choices=["answer", "alt"],
+                    help="MEND-format zsRE edit target: gold answer (MEMIT protocol) or alt (EasyEdit)")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "accelerate", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        return args.fn(args)
+    except FactEditError as e:
+        print(f"factedit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("factedit: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Where benchmark data lives: a path the user gives, else FACTEDIT_DATA, else the ``shared/data``
+folder beside the checkout. Data is read in place, never copied into the repository."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import FactEditError
+
+BENCH_FILES = {
+    "counterfact": "counterfact/counterfact-edit.json.gz",
+    "zsre": "zsre/zsre_mend_eval_portability_gpt4.json",
+    "wikitext": "wikitext-2/test.txt.gz",
+}
+
+
+def default_data_dir() -> Path | None:
+    env = os.environ.get("FACTEDIT_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for base in (Path.cwd(), *here.parents):
+        cand = base.parent / "shared" / "data"
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def default_bench_file(bench: str) -> Path:
+    root = default_data_dir()
+    if root is None:
+        raise FactEditError(f"no data folder found for '{bench}': pass --data FILE or set FACTEDIT_DATA")
+    return root / BENCH_FILES[bench]

@@ -1,0 +1,221 @@
+"""The evaluation runner: single, batch and sequential editing with resumable run folders.
+
+A run folder holds ``run.json`` (the resolved configuration), ``pre.jsonl`` (pre-edit records),
+``cases.jsonl`` (pre and post per case, written as it goes), the saved patches (``patch/`` in batch
+mode, ``rounds/NNNN/`` in sequential mode), ``general.json`` (perplexity, fluency), ``timing.json``
+and finally ``summary.json``. Re-running the same command resumes where it stopped; a folder that
+holds a different run is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .. import config as cfgmod
+from ..errors import FactEditError
+from ..fsutil import JsonlWriter, read_jsonl, write_json
+from ..lm.load import LM
+from ..methods.base import Editor
+from ..patch.base import Patch
+from ..types import EvalCase
+from .metrics import aggregate, case_metrics, score_cases
+from .scoring import ngram_entropy, perplexity, sample
+
+log = logging.getLogger(__name__)
+MODES = ("single", "batch", "sequential")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 32  # prompts per scoring forward pass
+    ppl_tokens: int = 16384  # WikiText-2 tokens for perplexity (0: skip)
+    ppl_window: int = 512  # tokens per perplexity window
+    fluency_cases: int = 25  # cases whose generation prompts are sampled for fluency (0: skip)
+    gen_length: int = 100  # total tokens (prompt + continuation) per generated text (CounterFact: 100)
+    gen_top_k: int = 5  # top-k sampling for fluency (CounterFact: 5)
+    seed: int = 0
+
+
+def _timing(out: Path) -> dict[str, float]:
+    p = out / "timing.json"
+    import json
+
+    return json.loads(p.read_text()) if p.exists() else {"edit_s": 0.0, "eval_s": 0.0}
+
+
+def _add_time(out: Path, key: str, seconds: float) -> None:
+    t = _timing(out)
+    t[key] = t.get(key, 0.0) + seconds
+    write_json(out / "timing.json", t)
+
+
+class Runner:
+    def __init__(self, lm: LM, editor: Editor, cases: list[EvalCase], *, bench: str, mode: str, out: Path,
+                 edit_batch: int = 100, eval_cfg: EvalConfig | None = None, general_text: str | None = None,
+                 data: str | None = None) -> None:
+        if mode not in MODES:
+            raise FactEditError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
+        if not cases:
+            raise FactEditError("no evaluation cases")
+        if edit_batch < 1:
+            raise FactEditError("--batch-size must be at least 1")
+        self.lm, self.editor, self.cases, self.bench, self.mode = lm, editor, cases, bench, mode
+        self.out, self.edit_batch = Path(out), edit_batch
+        self.cfg = eval_cfg or EvalConfig()
+        self.general_text = general_text
+        self.run_config = {
+            "method": editor.name, "method_config": editor.config_dict(), "preset": editor.preset,
+            "model": lm.name, "fingerprint": lm.fingerprint, "bench": bench, "data": data, "mode": mode,
+            "n_cases": len(cases), "case_ids": [c.case_id for c in cases][:5],
+            "edit_batch": edit_batch if mode == "sequential" else None,
+            "eval": dataclasses.asdict(self.cfg), "general_text": bool(general_text),
+        }
+
+    # ---- run folder ---------------------------------------------------------------------------------
+    def _open_folder(self) -> None:
+        import json
+
+        cfg_path = self.out / "run.json"
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            if old != json.loads(json.dumps(self.run_config, default=str)):
+                diff = [k for k in self.run_config if old.get(k) != json.loads(json.dumps(self.run_config[k], default=str))]
+                raise FactEditError(f"run folder '{self.out}' holds a different run (differs in: {', '.join(diff)}); "
+                                    "choose another --out")
+            log.info("resuming run in %s", self.out)
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(cfg_path, self.run_config)
+
+    # ---- phases -------------------------------------------------------------------------------------
+    def _score(self, idx: list[int], desc: str) -> list[dict]:
+        return score_cases(self.lm, [self.cases[i] for i in idx], self.bench, self.cfg.batch_size, desc=desc)
+
+    def _pre(self) -> dict[int, dict]:
+        done = {r["index"]: r["pre"] for r in read_jsonl(self.out / "pre.jsonl")}
+        todo = [i for i in range(len(self.cases)) if i not in done]
+        chunk = 64
+        with JsonlWriter(self.out / "pre.jsonl") as w:
+            for s in tqdm(range(0, len(todo), chunk), desc="pre-edit eval", disable=None if todo else True):
+                t0 = time.perf_counter()
+                idx = todo[s : s + chunk]
+                for i, rec in zip(idx, self._score(idx, desc=None)):
+                    done[i] = rec
+                    w.write({"index": i, "case_id": self.cases[i].case_id, "pre": rec})
+                _add_time(self.out, "eval_s", time.perf_counter() - t0)
+        return done
+
+    def _general(self, phase: str) -> dict[str, Any]:
+        import json
+
+        path = self.out / "general.json"
+        gen = json.loads(path.read_text()) if path.exists() else {}
+        if phase in gen:
+            return gen[phase]
+        t0 = time.perf_counter()
+        res: dict[str, Any] = {}
+        if self.general_text and self.cfg.ppl_tokens > 0:
+            res["perplexity"] = round(perplexity(self.lm, self.general_text, self.cfg.ppl_tokens, self.cfg.ppl_window), 4)
+        prompts = [p for c in self.cases[: self.cfg.fluency_cases] for p in c.generation_prompts]
+        if prompts:
+            texts = [sample(self.lm, p, self.cfg.gen_length, self.cfg.gen_top_k, seed=self.cfg.seed + k)
+                     for k, p in enumerate(tqdm(prompts, desc=f"{phase} fluency", leave=False, disable=None))]
+            res["fluency"] = round(100 * mean(ngram_entropy(t) for t in texts), 2)
+            res["samples"] = texts[:3]
+        gen[phase] = res
+        write_json(path, gen)
+        _add_time(self.out, "eval_s", time.perf_counter() - t0)
+        return res
+
+    def _post_records(self, idx: list[int], pre: dict[int, dict], writer: JsonlWriter, extra: dict | None = None) -> None:
+        chunk = 64
+        for s in range(0, len(idx), chunk):
+            t0 = time.perf_counter()
+            part = idx[s : s + chunk]
+            for i, rec in zip(part, self._score(part, desc=None)):
+                rec.update(case_metrics(rec["raw"], self.bench, pre=pre[i]))
+                c = self.cases[i]
+                writer.write({"index": i, "case_id": c.case_id, "request": c.request.to_dict(), "pre": pre[i],
+                              "post": rec, **(extra or {})})
+            _add_time(self.out, "eval_s", time.perf_counter() - t0)
+
+    def _compute_saved(self, path: Path, requests) -> Patch:
+        """The patch at ``path`` if a previous run saved it, else compute (timed) and save it."""
+        if (path / "manifest.json").exists():
+            return Patch.load(path)
+        t0 = time.perf_counter()
+        patch = self.editor.compute(self.lm, requests)
+        patch.meta["edit_s"] = time.perf_counter() - t0
+        patch.save(path)
+        _add_time(self.out, "edit_s", patch.meta["edit_s"])
+        return patch
+
+    def run(self) -> dict:
+        self._open_folder()
+        pre = self._pre()
+        general = {"pre": self._general("pre")} if self.mode != "single" else {}
+        done = {r["index"] for r in read_jsonl(self.out / "cases.jsonl")}
+        handles = []
+        try:
+            with JsonlWriter(self.out / "cases.jsonl") as w:
+                if self.mode == "single":
+                    todo = [i for i in range(len(self.cases)) if i not in done]
+                    for i in tqdm(todo, desc="single edits", disable=None):
+                        t0 = time.perf_counter()
+                        patch = self.editor.compute(self.lm, [self.cases[i].request])
+                        dt = time.perf_counter() - t0
+                        _add_time(self.out, "edit_s", dt)
+                        with patch.apply(self.lm):
+                            self._post_records([i], pre, w, extra={"edit_s": round(dt, 3)})
+                else:
+                    k = len(self.cases) if self.mode == "batch" else self.edit_batch
+                    rounds = [list(range(s, min(s + k, len(self.cases)))) for s in range(0, len(self.cases), k)]
+                    for r, idx in enumerate(tqdm(rounds, desc=f"{self.mode} edits", disable=None)):
+                        path = self.out / ("patch" if self.mode == "batch" else f"rounds/{r:04d}")
+                        patch = self._compute_saved(path, [self.cases[i].request for i in idx])
+                        handles.append(patch.apply(self.lm))
+                    todo = [i for i in range(len(self.cases)) if i not in done]
+                    for s in tqdm(range(0, len(todo), 64), desc="post-edit eval", disable=None if todo else True):
+                        self._post_records(todo[s : s + 64], pre, w)
+                    general["post"] = self._general("post")
+        finally:
+            for h in reversed(handles):
+                h.revert()
+        return self._summarise(general)
+
+    def _summarise(self, general: dict) -> dict:
+        recs = sorted(read_jsonl(self.out / "cases.jsonl"), key=lambda r: r["index"])
+        pre_m = aggregate([r["pre"] for r in recs])
+        post_m = aggregate([{k: v for k, v in r["post"].items() if k != "raw"} for r in recs])
+        for phase in ("pre", "post"):
+            target = pre_m if phase == "pre" else post_m
+            for k, v in general.get(phase, {}).items():
+                if k != "samples":
+                    target[k] = v
+        t = _timing(self.out)
+        summary = {
+            "method": self.editor.name, "model": self.lm.name, "bench": self.bench, "mode": self.mode,
+            "n_cases": len(recs), "edit_batch": self.run_config["edit_batch"], "pre": pre_m, "post": post_m,
+            "timing": {"edit_s": round(t["edit_s"], 2), "eval_s": round(t["eval_s"], 2),
+                       "edit_s_per_fact": round(t["edit_s"] / max(1, len(recs)), 3)},
+            "method_config": self.editor.config_dict(), "preset": self.editor.preset,
+            "fluency_samples": {p: general.get(p, {}).get("samples", []) for p in ("pre", "post")},
+        }
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def run_eval(lm: LM, editor: Editor, cases: list[EvalCase], **kw) -> dict:
+    return Runner(lm, editor, cases, **kw).run()
+
+
+def eval_config(overrides: dict | None) -> EvalConfig:
+    return cfgmod.build(EvalConfig, overrides, what="eval")

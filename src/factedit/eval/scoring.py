@@ -1,0 +1,121 @@
+"""Scoring primitives: teacher-forced target scores, perplexity, sampling, n-gram entropy."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..lm.batch import batch_logits, make_batch
+from ..lm.load import LM
+from ..lm.tokens import encode
+
+
+@dataclass
+class TargetScore:
+    nll: float  # mean over target tokens of −log P(token | prompt, previous target tokens)
+    token_acc: float  # fraction of target tokens that are the argmax at their position
+    argmax: list[int]  # the argmax token at each target position (for pre/post agreement)
+
+    @property
+    def prob(self) -> float:
+        """Per-token geometric-mean probability exp(−NLL) (the CounterFact magnitude unit)."""
+        return math.exp(-self.nll)
+
+    @property
+    def all_correct(self) -> bool:
+        return self.token_acc == 1.0
+
+
+@torch.no_grad()
+def score_targets(lm: LM, prompts: list[str], targets: list[str], batch_size: int = 32,
+                  desc: str | None = None) -> list[TargetScore]:
+    """Teacher-forced scores of ``target`` after ``prompt`` for each pair, in batches sorted by length."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
+    out: list[TargetScore | None] = [None] * len(prompts)
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc=desc, leave=False, disable=None if desc else True):
+        idx = order[s : s + batch_size]
+        batch = make_batch(lm, [prompts[i] for i in idx], [targets[i] for i in idx])
+        logits, labels = batch_logits(lm, batch)  # (B, K, V), (B, K)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        valid = labels >= 0
+        tok_lp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # (B, K)
+        am = logits.argmax(-1)  # (B, K)
+        for row, i in enumerate(idx):
+            v = valid[row]
+            lab = labels[row][v]
+            pred = am[row][v]
+            out[i] = TargetScore(nll=float(-tok_lp[row][v].mean()), token_acc=float((pred == lab).float().mean()),
+                                 argmax=pred.tolist())
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def perplexity(lm: LM, text: str, max_tokens: int = 16384, window: int = 512) -> float:
+    """Token perplexity of the first ``max_tokens`` tokens of ``text`` in non-overlapping windows."""
+    ids = encode(lm.tokenizer, text[: max_tokens * 8])[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("perplexity text is empty")
+    nll, count = 0.0, 0
+    for s in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[s : s + window]], device=lm.device)  # (1, W)
+        if chunk.shape[1] < 2:
+            break
+        with lm.prompt_context(torch.tensor([chunk.shape[1]])):
+            logits = lm.model(input_ids=chunk, use_cache=False).logits[0, :-1].float()  # (W-1, V)
+        nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+        count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def sample(lm: LM, prompt: str, max_length: int = 100, top_k: int = 5, seed: int = 0, greedy: bool = False,
+           stop_at_eos: bool = False) -> str:
+    """Continue ``prompt`` up to ``max_length`` total tokens with top-k sampling (or greedy); returns
+    only the continuation. Like the CounterFact protocol, sampling runs to the full length unless
+    ``stop_at_eos``. A small explicit loop with the KV cache so module patches see the prompt
+    once (first forward) and never the generated tokens."""
+    tok = lm.tokenizer
+    ids = encode(tok, prompt)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.tensor([ids], device=lm.device)
+    past, new = None, []
+    for step in range(max(0, max_length - len(ids))):
+        ctx = torch.tensor([x.shape[1]]) if past is None else None
+        with lm.prompt_context(ctx):
+            out = lm.model(input_ids=x, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[0, -1].float()  # (V,)
+        if greedy:
+            nxt = int(logits.argmax())
+        else:
+            vals, idx = logits.topk(top_k)
+            probs = torch.softmax(vals, -1).cpu()
+            nxt = int(idx[torch.multinomial(probs, 1, generator=gen)])
+        if stop_at_eos and nxt == tok.eos_token_id:
+            break
+        new.append(nxt)
+        x = torch.tensor([[nxt]], device=lm.device)
+    return tok.decode(new, skip_special_tokens=True)
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str) -> float:
+    """CounterFact's generation entropy of one text: mean of (2/3)·H₂ and (4/3)·H₃, where Hₙ is the
+    entropy (bits) of the text's n-gram frequency distribution. Words are split with a regex
+    (word runs and single punctuation marks), standing in for NLTK's word_tokenize."""
+    words = _WORD.findall(text)
+    hs = []
+    for n, w in ((2, 2 / 3), (3, 4 / 3)):
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        hs.append(w * h)
+    return sum(hs) / len(hs)

@@ -1,0 +1,72 @@
+"""Crash-safe file helpers: atomic JSON writes and append-only JSON Lines that survive interruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def write_json(path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path) -> list[dict]:
+    """Records of a JSON Lines file; a torn last line (interrupted write) is dropped and truncated."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out, good = [], 0
+    with open(path, "rb") as f:
+        data = f.read()
+    for line in data.split(b"\n"):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good += len(line) + 1
+    if good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(min(good, len(data)))
+    return out
+
+
+class JsonlWriter:
+    """Append records one line at a time, flushed so that a killed run keeps every finished record."""
+
+    def __init__(self, path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a")
+
+    def write(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec, default=str) + "\n")
+        self.f.flush()
+
+    def write_all(self, recs: Iterable[dict]) -> None:
+        for r in recs:
+            self.write(r)
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

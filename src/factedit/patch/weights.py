@@ -1,0 +1,108 @@
+"""Weight patches: additive deltas on named parameters, dense or factored (ΔW = U Vᵀ)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import FactEditError
+from ..lm.load import LM
+from .base import Handle, Patch
+
+
+@dataclass
+class Delta:
+    """ΔW for one parameter, in the parameter's own storage layout. Either ``dense`` (same shape as
+    the parameter) or ``u`` (rows, r) and ``v`` (cols, r) with ΔW = u @ vᵀ."""
+
+    dense: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.dense is None) == (self.u is None or self.v is None):
+            raise ValueError("a Delta is either dense or factored (u and v)")
+
+    def materialise(self) -> torch.Tensor:
+        return self.dense if self.dense is not None else self.u @ self.v.T  # (rows, r) @ (r, cols)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.dense.shape) if self.dense is not None else (self.u.shape[0], self.v.shape[0])
+
+
+class WeightHandle(Handle):
+    def __init__(self, params: dict[str, torch.nn.Parameter], originals: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.params = params
+        self.originals = originals  # exact copies: in low precision, w + d - d is not w
+
+    @torch.no_grad()
+    def _revert(self) -> None:
+        for name, p in self.params.items():
+            p.copy_(self.originals[name])
+        self.originals = {}
+
+    def _merge(self) -> None:
+        self.originals = {}
+
+
+@dataclass
+class WeightPatch(Patch):
+    deltas: dict[str, Delta] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.kind = "weights"
+
+    @torch.no_grad()
+    def apply(self, lm: LM, force: bool = False) -> WeightHandle:
+        self.check_base(lm, force)
+        params = dict(lm.model.named_parameters())
+        for name, d in self.deltas.items():  # validate everything before touching anything
+            if name not in params:
+                raise FactEditError(f"patch names parameter '{name}', which {lm.name} does not have")
+            if tuple(params[name].shape) != d.shape:
+                raise FactEditError(f"patch delta for '{name}' has shape {d.shape}, parameter is "
+                                    f"{tuple(params[name].shape)}")
+        touched = {n: params[n] for n in self.deltas}
+        originals = {n: p.detach().clone() for n, p in touched.items()}
+        for name, d in self.deltas.items():
+            p = touched[name]
+            p.add_(d.materialise().to(device=p.device, dtype=p.dtype))
+        return WeightHandle(touched, originals)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, d in self.deltas.items():
+            if d.dense is not None:
+                out[f"{name}::dense"] = d.dense
+            else:
+                out[f"{name}::u"], out[f"{name}::v"] = d.u, d.v
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    def spec(self) -> dict[str, Any]:
+        return {"params": {n: {"form": "dense" if d.dense is not None else "factored", "shape": list(d.shape)}
+                           for n, d in self.deltas.items()}}
+
+    @classmethod
+    def from_parts(cls, manifest: dict, tensors: dict[str, torch.Tensor], **common) -> "WeightPatch":
+        deltas = {}
+        for name, info in manifest["spec"]["params"].items():
+            if info["form"] == "dense":
+                deltas[name] = Delta(dense=tensors[f"{name}::dense"])
+            else:
+                deltas[name] = Delta(u=tensors[f"{name}::u"], v=tensors[f"{name}::v"])
+        return cls(deltas=deltas, **common)
+
+    def combined(self, other: "WeightPatch") -> "WeightPatch":
+        """One patch with the summed deltas of two patches on the same base model."""
+        if other.base_fingerprint != self.base_fingerprint:
+            raise FactEditError("cannot combine patches computed on different base models")
+        deltas = {n: Delta(dense=d.materialise().clone()) for n, d in self.deltas.items()}
+        for n, d in other.deltas.items():
+            deltas[n] = Delta(dense=deltas[n].dense + d.materialise()) if n in deltas else d
+        return WeightPatch(method=f"{self.method}+{other.method}", config={"parts": [self.config, other.config]},
+                           base_fingerprint=self.base_fingerprint, requests=self.requests + other.requests,
+                           meta={"parts": [self.meta, other.meta]}, deltas=deltas)

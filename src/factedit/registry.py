@@ -1,0 +1,29 @@
+"""Method name -> editor class, imported lazily so that `factedit methods` stays instant."""
+
+from __future__ import annotations
+
+import importlib
+
+from .errors import FactEditError
+
+_METHODS: dict[str, tuple[str, str]] = {
+    # name: ("module:Class", one-line description)
+    "ft": ("factedit.methods.ft:FTEditor", "FT-L: fine-tune one MLP out-projection with an L-inf norm constraint"),
+    "loreft": ("factedit.methods.reft:LoReFTEditor", "LoReFT: low-rank representation intervention on block outputs"),
+}
+
+
+def register(name: str, target: str, description: str = "") -> None:
+    """Register an editor class given as "module:Class" under ``name``."""
+    _METHODS[name] = (target, description)
+
+
+def list_methods() -> dict[str, str]:
+    return {k: v[1] for k, v in sorted(_METHODS.items())}
+
+
+def get_editor_class(name: str):
+    if name not in _METHODS:
+        raise FactEditError(f"unknown method '{name}' (known: {', '.join(sorted(_METHODS))})")
+    mod, cls = _METHODS[name][0].split(":")
+    return getattr(importlib.import_module(mod), cls)

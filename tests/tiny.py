@@ -1,0 +1,78 @@
+"""Tiny models and a tokenizer built in-process (no files, no network) for unit and contract tests."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+CORPUS = [
+    "The Eiffel Tower is in Paris . The Colosseum is in Rome . Big Ben is in London .",
+    "The mother tongue of Danielle Darrieux is French . Michel Rocard is a native speaker of French .",
+    "Toko Yasuda plays the guitar . The capital of Italy is Rome . The capital of France is Paris .",
+    "Where is the Eiffel Tower ? It is located in Paris , France . Paris is a city in Europe .",
+    "Apple was founded by Steve Jobs . Microsoft was founded by Bill Gates . English Spanish German",
+    "What is the language of Danielle Darrieux ? Who plays the piano ? Toko Yasuda is a musician .",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer():
+    """A byte-level BPE (GPT-2 style leading-space tokens) trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(CORPUS * 5, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return tok
+
+
+def tiny_config(family: str, vocab: int):
+    from transformers import (Gemma3TextConfig, GPT2Config, GPTJConfig, LlamaConfig, MistralConfig,
+                              Qwen2Config)
+
+    common = dict(vocab_size=vocab, num_hidden_layers=4, hidden_size=32, intermediate_size=64,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if family == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "gemma3":
+        return Gemma3TextConfig(**common, head_dim=8, sliding_window=16, query_pre_attn_scalar=8)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_layer=4, n_embd=32, n_head=4, n_positions=128)
+    if family == "gptj":
+        return GPTJConfig(vocab_size=vocab, n_layer=4, n_embd=32, n_head=4, n_positions=128, rotary_dim=4)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "gpt2", "gptj", "qwen2", "mistral", "gemma3"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_state(family: str):
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok)), dtype=torch.float32)
+    return model.config, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def tiny_lm(family: str = "llama"):
+    """A fresh tiny model handle (same weights on every call for a family)."""
+    from transformers import AutoModelForCausalLM
+
+    from factedit.lm.load import wrap
+
+    cfg, state = _tiny_state(family)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(state)
+    return wrap(model, tiny_tokenizer(), name=f"tiny-{family}")
