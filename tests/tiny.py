@@ -33,11 +33,13 @@ def tiny_tokenizer():
 
 
 def tiny_config(family: str, vocab: int):
+    # initializer_range 0.3 (not 0.02): with tiny hidden sizes, 0.02 leaves every logit within ±0.6, so
+    # no edit can make any target likely and contract tests could not tell an edit from noise.
     from transformers import (Gemma3TextConfig, GPT2Config, GPTJConfig, LlamaConfig, MistralConfig,
                               Qwen2Config)
 
     common = dict(vocab_size=vocab, num_hidden_layers=4, hidden_size=32, intermediate_size=64,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3)
     if family == "llama":
         return LlamaConfig(**common, tie_word_embeddings=True)
     if family == "mistral":
@@ -47,9 +49,10 @@ def tiny_config(family: str, vocab: int):
     if family == "gemma3":
         return Gemma3TextConfig(**common, head_dim=8, sliding_window=16, query_pre_attn_scalar=8)
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_layer=4, n_embd=32, n_head=4, n_positions=128)
+        return GPT2Config(vocab_size=vocab, n_layer=4, n_embd=32, n_head=4, n_positions=128, initializer_range=0.3)
     if family == "gptj":
-        return GPTJConfig(vocab_size=vocab, n_layer=4, n_embd=32, n_head=4, n_positions=128, rotary_dim=4)
+        return GPTJConfig(vocab_size=vocab, n_layer=4, n_embd=32, n_head=4, n_positions=128, rotary_dim=4,
+                          initializer_range=0.3)
     raise ValueError(family)
 
 

@@ -110,7 +110,7 @@ def load_preset(method: str, family: str, n_layers: int | None = None) -> tuple[
     ``<family>-<n_layers>l`` (size-specific) and then ``<family>``.
     """
     base = resources.files("factedit") / "presets" / method
-    names = ([f"{family}-{n_layers}l"] if n_layers else []) + [family, "default"]
+    names = ([f"{family}-{n_layers}l"] if n_layers else []) + [family]
     for name in names:
         f = base / f"{name}.yaml"
         if f.is_file():

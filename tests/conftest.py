@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real embedded model (de-quantised once into the factedit cache)."""
+    from factedit.lm.load import load_lm
+
+    return load_lm("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    from factedit.data.paths import default_data_dir
+
+    d = default_data_dir()
+    if d is None or not d.is_dir():
+        pytest.skip("shared/data not found beside the checkout")
+    return d
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)

@@ -1,0 +1,125 @@
+"""One table of contracts over every editor x tiny architecture."""
+
+import pytest
+import torch
+
+from factedit import EditRequest, FactEditError, get_editor
+from factedit.errors import FingerprintMismatch
+from factedit.eval.scoring import score_targets
+from factedit.patch.base import Patch
+from tiny import FAMILIES, tiny_lm
+
+# Strong settings: the tiny random models need large steps to learn anything in a few iterations.
+METHODS = {
+    "ft": dict(layer=1, lr=0.05, norm_constraint=1.0, steps=40),
+    "loreft": dict(layers=(1, 2), rank=4, lr=0.05, steps=80),
+}
+REQUESTS = [
+    EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", case_id=1),
+    EditRequest("The capital of Italy is", "Italy", "London", "Rome", case_id=2),
+    EditRequest("Toko Yasuda plays the", "Toko Yasuda", "piano", "guitar", case_id=3),
+]
+CASES = [(m, f) for m in METHODS for f in FAMILIES]
+
+
+def _state(lm):
+    return {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _margins(lm):
+    new = score_targets(lm, [r.prompt for r in REQUESTS], [r.target_new for r in REQUESTS])
+    true = score_targets(lm, [r.prompt for r in REQUESTS], [r.target_true for r in REQUESTS])
+    return [t.nll - n.nll for n, t in zip(new, true)]  # > 0 means P(new) > P(true)
+
+
+@pytest.fixture(scope="module")
+def computed():
+    """Compute each (method, family) patch once; the tests below check its contracts."""
+    out = {}
+    for m, f in CASES:
+        lm = tiny_lm(f)
+        before = _state(lm)
+        grads = [p.requires_grad for p in lm.model.parameters()]
+        patch = get_editor(m, lm, **METHODS[m]).compute(lm, REQUESTS)
+        out[(m, f)] = (lm, before, grads, patch)
+    return out
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_compute_is_pure(computed, method, family):
+    lm, before, grads, _ = computed[(method, family)]
+    assert _same(before, _state(lm))
+    assert [p.requires_grad for p in lm.model.parameters()] == grads
+    assert not lm.model.training
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_apply_then_revert_is_bit_exact(computed, method, family):
+    lm, before, _, patch = computed[(method, family)]
+    ids = torch.tensor([lm.tokenizer(REQUESTS[0].prompt)["input_ids"]])
+    base = lm.model(input_ids=ids).logits
+    h = patch.apply(lm)
+    assert not torch.equal(lm.model(input_ids=ids).logits, base)
+    h.revert()
+    assert _same(before, _state(lm))
+    assert torch.equal(lm.model(input_ids=ids).logits, base)
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_edit_makes_new_target_win(computed, method, family):
+    lm, _, _, patch = computed[(method, family)]
+    pre = _margins(lm)
+    with patch.apply(lm):
+        post = _margins(lm)
+    # P(new) > P(true) for every edited fact, and the total margin grew
+    assert all(b > 0 for b in post), (pre, post)
+    assert sum(post) > sum(pre) + 1.0, (pre, post)
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_save_load_apply_gives_same_outputs(computed, method, family, tmp_path):
+    lm, _, _, patch = computed[(method, family)]
+    patch.save(tmp_path / "p")
+    loaded = Patch.load(tmp_path / "p")
+    assert loaded.method == method and loaded.requests == REQUESTS
+    ids = torch.tensor([lm.tokenizer(REQUESTS[1].prompt)["input_ids"]])
+    with patch.apply(lm):
+        a = lm.model(input_ids=ids).logits
+    with loaded.apply(lm):
+        b = lm.model(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_patch_refuses_another_model(computed, method):
+    _, _, _, patch = computed[(method, "llama")]
+    other = tiny_lm("qwen2")
+    with pytest.raises(FingerprintMismatch):
+        patch.apply(other)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_malformed_requests_fail_before_model_work(method, monkeypatch):
+    lm = tiny_lm("llama")
+    editor = get_editor(method, lm, **METHODS[method])
+
+    def boom(*a, **k):
+        raise AssertionError("model ran before validation")
+
+    monkeypatch.setattr(lm.model, "forward", boom)
+    with pytest.raises(FactEditError, match="no edit requests"):
+        editor.compute(lm, [])
+    with pytest.raises(FactEditError, match="request #1: expected EditRequest"):
+        editor.compute(lm, [REQUESTS[0], {"prompt": "x"}])
+
+
+def test_out_of_range_layers_are_rejected():
+    lm = tiny_lm("gpt2")
+    with pytest.raises(FactEditError, match="out of range"):
+        get_editor("ft", lm, layer=7).compute(lm, REQUESTS[:1])
+    with pytest.raises(FactEditError, match="out of range"):
+        get_editor("loreft", lm, layers="1,9").compute(lm, REQUESTS[:1])

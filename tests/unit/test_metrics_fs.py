@@ -1,0 +1,56 @@
+import math
+
+import pytest
+
+from factedit.eval.metrics import aggregate, case_metrics
+from factedit.eval.scoring import ngram_entropy
+from factedit.fsutil import JsonlWriter, read_jsonl
+
+
+def _x(p, acc=1.0, argmax=(1,)):
+    return {"nll": -math.log(p), "acc": acc, "argmax": list(argmax)}
+
+
+def test_counterfact_case_metrics():
+    rec = {"rewrite": [_x(0.6)], "rewrite_true": [_x(0.2)],
+           "paraphrase": [_x(0.3, 0.0), _x(0.1, 0.0)], "paraphrase_true": [_x(0.2), _x(0.2)],
+           "neighborhood": [_x(0.5)], "neighborhood_true": [_x(0.1)]}
+    m = case_metrics(rec, "counterfact")
+    assert m["efficacy"] == 1.0 and m["generalization"] == 0.5 and m["specificity"] == 0.0
+    assert m["efficacy_magnitude"] == pytest.approx(0.4)
+    assert m["generalization_magnitude"] == pytest.approx((0.1 - 0.1) / 2)
+    assert m["specificity_magnitude"] == pytest.approx(-0.4)
+    assert m["generalization_acc"] == 0.0
+
+
+def test_zsre_case_metrics_and_agreement():
+    pre = {"raw": {"locality": [_x(0.5, 0.5, argmax=(4, 5))]}}
+    rec = {"rewrite": [_x(0.9, 1.0)], "paraphrase": [_x(0.5, 0.5)], "locality": [_x(0.4, 0.5, argmax=(4, 6))]}
+    m = case_metrics(rec, "zsre", pre=pre)
+    assert m == {"efficacy": 1.0, "generalization": 0.5, "specificity": 0.5, "locality": 0.5}
+
+
+def test_aggregate_percent_and_harmonic_score():
+    agg = aggregate([{"efficacy": 1.0, "generalization": 0.5, "specificity": 1.0},
+                     {"efficacy": 1.0, "generalization": 0.5, "specificity": 0.0}])
+    assert agg["efficacy"] == 100 and agg["generalization"] == 50 and agg["specificity"] == 50
+    assert agg["score"] == pytest.approx(3 / (1 / 100 + 1 / 50 + 1 / 50), abs=0.01)
+
+
+def test_ngram_entropy_prefers_varied_text():
+    assert ngram_entropy("the the the the the the the the") == 0.0
+    varied = ngram_entropy("The tower was built in Paris by Gustave Eiffel for the fair of 1889 .")
+    assert varied > 3.0
+
+
+def test_jsonl_survives_a_torn_last_line(tmp_path):
+    f = tmp_path / "c.jsonl"
+    with JsonlWriter(f) as w:
+        w.write({"index": 0})
+        w.write({"index": 1})
+    with open(f, "a") as g:
+        g.write('{"index": 2, "po')
+    assert [r["index"] for r in read_jsonl(f)] == [0, 1]
+    with JsonlWriter(f) as w:
+        w.write({"index": 2})
+    assert [r["index"] for r in read_jsonl(f)] == [0, 1, 2]
