@@ -1,10 +1,11 @@
+"""Hyper-parameter sweep: python bench/sweep.py METHOD '{"key": [values], ...}' (first 40 CounterFact-edit records, batch)."""
 import sys, time, itertools, json
 from factedit.lm.load import load_lm
-from factedit.data import load_counterfact
+from factedit.data import default_bench_file, load_counterfact
 from factedit.eval.metrics import score_cases, aggregate
 from factedit import get_editor
 lm = load_lm()
-cases = load_counterfact("/work/shared/data/counterfact/counterfact-edit.json.gz", 40)
+cases = load_counterfact(default_bench_file("counterfact"), 40)
 method = sys.argv[1]; grid = json.loads(sys.argv[2])
 keys = list(grid)
 for vals in itertools.product(*grid.values()):

@@ -82,7 +82,8 @@ def cmd_eval(args) -> int:
     for c in cases:  # subject/token checks before any model work
         editor.validate(lm, [c.request])
     runner = Runner(lm, editor, cases, bench=args.bench, mode=args.mode, out=Path(args.out),
-                    edit_batch=args.batch_size, eval_cfg=ecfg, general_text=text, data=str(path))
+                    edit_batch=args.batch_size, eval_cfg=ecfg, general_text=text, data=str(path),
+                    pre_only=args.pre_only)
     summary = runner.run()
     print(table(summary))
     print(f"run folder: {args.out}")
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, help="first N records")
     sp.add_argument("--zsre-target", default="answer", choices=["answer", "alt"],
                     help="MEND-format zsRE edit target: gold answer (MEMIT protocol) or alt (EasyEdit)")
+    sp.add_argument("--pre-only", action="store_true", help="evaluate the unedited model only (no edits)")
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_eval)
     return p

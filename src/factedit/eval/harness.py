@@ -60,7 +60,7 @@ def _add_time(out: Path, key: str, seconds: float) -> None:
 class Runner:
     def __init__(self, lm: LM, editor: Editor, cases: list[EvalCase], *, bench: str, mode: str, out: Path,
                  edit_batch: int = 100, eval_cfg: EvalConfig | None = None, general_text: str | None = None,
-                 data: str | None = None) -> None:
+                 data: str | None = None, pre_only: bool = False) -> None:
         if mode not in MODES:
             raise FactEditError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
         if not cases:
@@ -71,12 +71,13 @@ class Runner:
         self.out, self.edit_batch = Path(out), edit_batch
         self.cfg = eval_cfg or EvalConfig()
         self.general_text = general_text
+        self.pre_only = pre_only
         self.run_config = {
             "method": editor.name, "method_config": editor.config_dict(), "preset": editor.preset,
             "model": lm.name, "fingerprint": lm.fingerprint, "bench": bench, "data": data, "mode": mode,
             "n_cases": len(cases), "case_ids": [c.case_id for c in cases][:5],
             "edit_batch": edit_batch if mode == "sequential" else None,
-            "eval": dataclasses.asdict(self.cfg), "general_text": bool(general_text),
+            "eval": dataclasses.asdict(self.cfg), "general_text": bool(general_text), "pre_only": pre_only,
         }
 
     # ---- run folder ---------------------------------------------------------------------------------
@@ -161,7 +162,9 @@ class Runner:
     def run(self) -> dict:
         self._open_folder()
         pre = self._pre()
-        general = {"pre": self._general("pre")} if self.mode != "single" else {}
+        general = {"pre": self._general("pre")} if self.mode != "single" or self.pre_only else {}
+        if self.pre_only:  # baseline figures of the unedited model: no edits at all
+            return self._summarise(general, [{"index": i, "pre": r, "post": {}} for i, r in sorted(pre.items())])
         done = {r["index"] for r in read_jsonl(self.out / "cases.jsonl")}
         handles = []
         try:
@@ -191,8 +194,9 @@ class Runner:
                 h.revert()
         return self._summarise(general)
 
-    def _summarise(self, general: dict) -> dict:
-        recs = sorted(read_jsonl(self.out / "cases.jsonl"), key=lambda r: r["index"])
+    def _summarise(self, general: dict, recs: list[dict] | None = None) -> dict:
+        if recs is None:
+            recs = sorted(read_jsonl(self.out / "cases.jsonl"), key=lambda r: r["index"])
         pre_m = aggregate([r["pre"] for r in recs])
         post_m = aggregate([{k: v for k, v in r["post"].items() if k != "raw"} for r in recs])
         for phase in ("pre", "post"):
@@ -202,7 +206,7 @@ class Runner:
                     target[k] = v
         t = _timing(self.out)
         summary = {
-            "method": self.editor.name, "model": self.lm.name, "bench": self.bench, "mode": self.mode,
+            "method": "none" if self.pre_only else self.editor.name, "model": self.lm.name, "bench": self.bench, "mode": self.mode,
             "n_cases": len(recs), "edit_batch": self.run_config["edit_batch"], "pre": pre_m, "post": post_m,
             "timing": {"edit_s": round(t["edit_s"], 2), "eval_s": round(t["eval_s"], 2),
                        "edit_s_per_fact": round(t["edit_s"] / max(1, len(recs)), 3)},

@@ -1,0 +1,63 @@
+"""Integration tests on the real embedded model (SmolLM2-135M, de-quantised from its package)."""
+
+import json
+
+import pytest
+import torch
+
+from factedit import get_editor
+from factedit.data.facts import demo_cases
+from factedit.eval.metrics import aggregate, score_cases
+from factedit.lm.tokens import encode_target
+
+
+def test_loads_with_stable_fingerprint_and_tokenisation(smollm):
+    from factedit.lm.load import fingerprint_model
+
+    assert smollm.arch.family == "llama" and smollm.n_layers == 30 and smollm.hidden_size == 576
+    assert fingerprint_model(smollm.model) == smollm.fingerprint
+    p, t = encode_target(smollm.tokenizer, "The Eiffel Tower is located in the city of", "Paris")
+    assert smollm.tokenizer.decode(t) == " Paris" and len(t) == 1  # one token, leading space
+    assert p[0] != smollm.tokenizer.bos_token_id  # SmolLM2 adds no BOS
+
+
+def test_model_knows_the_demo_facts_before_editing(smollm):
+    cases = demo_cases()
+    m = aggregate([{k: v for k, v in r.items() if k != "raw"} for r in score_cases(smollm, cases, "counterfact")])
+    assert m["efficacy"] == 0.0  # every counterfactual target loses to the true object before editing
+    assert m["specificity"] >= 80.0
+
+
+@pytest.mark.parametrize("method", ["ft", "loreft"])
+def test_edit_demo_facts_with_preset(smollm, method, tmp_path):
+    cases = demo_cases()
+    before = {k: v.clone() for k, v in smollm.model.state_dict().items()}
+    editor = get_editor(method, smollm)
+    assert editor.preset is not None  # the tuned SmolLM2 preset is picked up
+    patch = editor.compute(smollm, [c.request for c in cases])
+    assert all(torch.equal(before[k], v) for k, v in smollm.model.state_dict().items())
+    patch.save(tmp_path / "p")
+    with patch.apply(smollm):
+        post = aggregate([{k: v for k, v in r.items() if k != "raw"}
+                          for r in score_cases(smollm, cases, "counterfact")])
+    assert post["efficacy"] == 100.0
+    assert post["generalization"] >= 60.0
+    assert all(torch.equal(before[k], v) for k, v in smollm.model.state_dict().items())
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["base_fingerprint"] == smollm.fingerprint and len(manifest["requests"]) == 5
+
+
+def test_cli_eval_on_shared_counterfact_and_zsre(smollm, data_dir, tmp_path):
+    from factedit import cli
+
+    for bench, data in (("counterfact", "counterfact/counterfact-edit.json.gz"),
+                        ("zsre", "zsre/zsre_mend_eval_portability_gpt4.json")):
+        out = tmp_path / bench
+        argv = ["-q", "eval", "--method", "ft", "--bench", bench, "--data", str(data_dir / data), "--limit", "4",
+                "--mode", "batch", "--out", str(out), "--set", "steps=5", "--set", "eval.fluency_cases=1",
+                "--set", "eval.gen_length=30", "--set", "eval.ppl_tokens=1024"]
+        assert cli.main(argv) == 0
+        s = json.loads((out / "summary.json").read_text())
+        assert s["n_cases"] == 4 and s["bench"] == bench
+        assert s["pre"]["perplexity"] > 1 and s["post"]["perplexity"] > 1
+        assert len((out / "cases.jsonl").read_text().splitlines()) == 4

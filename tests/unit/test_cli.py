@@ -1,0 +1,113 @@
+import json
+
+import pytest
+
+from factedit import cli
+from tiny import tiny_lm
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail loudly if a command loads a model before finishing its input checks."""
+    import factedit.lm.load as load
+
+    def boom(*a, **k):
+        raise AssertionError("model loaded before input validation")
+
+    monkeypatch.setattr(load, "load_lm", boom)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    lm = tiny_lm("llama")
+    d = tmp_path_factory.mktemp("m") / "tiny-llama"
+    lm.model.save_pretrained(d)
+    lm.tokenizer.save_pretrained(d)
+    return d
+
+
+def facts(tmp_path, lines):
+    f = tmp_path / "facts.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return f
+
+
+GOOD = {"prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "target_new": "Rome", "target_true": "Paris"}
+
+
+def test_methods_lists_both(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "ft " in out and "loreft" in out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["edit", "--method", "nope", "--facts", "x", "--out", "o"], "unknown method 'nope'"),
+    (["edit", "--method", "ft", "--set", "lrr=1", "--facts", "x", "--out", "o"], "unknown ft config key 'lrr'"),
+    (["edit", "--method", "ft", "--facts", "missing.jsonl", "--out", "o"], "missing.jsonl' does not exist"),
+    (["eval", "--method", "ft", "--bench", "zsre", "--data", "nofile.json", "--out", "o"], "nofile.json' does not exist"),
+    (["eval", "--method", "ft", "--bench", "zsre", "--data", "x", "--out", "o", "--set", "eval.bogus=1"],
+     "unknown eval key 'bogus'"),
+    (["apply", "--patch", "no-patch-here"], "no-patch-here' does not exist"),
+])
+def test_bad_input_exits_2_before_model_work(no_model, capsys, argv, msg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_fact_record_is_named(no_model, capsys, tmp_path):
+    f = facts(tmp_path, [GOOD, {**GOOD, "subject": "Louvre"}])
+    assert cli.main(["edit", "--method", "ft", "--facts", str(f), "--out", str(tmp_path / "o")]) == 2
+    assert "facts.jsonl:2" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_unknown_model_name(capsys, tmp_path):
+    f = facts(tmp_path, [GOOD])
+    assert cli.main(["edit", "--model", "gpt-17", "--method", "ft", "--facts", str(f), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown model 'gpt-17'" in capsys.readouterr().err
+
+
+def test_edit_apply_merge_roundtrip_on_a_local_folder(tmp_path, tiny_folder, capsys):
+    f = facts(tmp_path, [GOOD])
+    sets = ["--set", "layer=1", "--set", "lr=0.05", "--set", "norm_constraint=1", "--set", "steps=10"]
+    assert cli.main(["edit", "--model", str(tiny_folder), "--method", "ft", "--facts", str(f),
+                     "--out", str(tmp_path / "p"), *sets]) == 0
+    assert (tmp_path / "p" / "manifest.json").exists()
+    assert cli.main(["apply", "--model", str(tiny_folder), "--patch", str(tmp_path / "p"), "--merge",
+                     "--out", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert "before:" in out and "merged model saved" in out
+    from factedit.lm.load import load_lm
+
+    base, merged = load_lm(str(tiny_folder)), load_lm(str(tmp_path / "merged"))
+    assert base.fingerprint != merged.fingerprint
+    # the merged model is refused as a base for the same patch unless forced
+    assert cli.main(["apply", "--model", str(tmp_path / "merged"), "--patch", str(tmp_path / "p")]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+
+
+def test_module_patch_cannot_be_merged(tmp_path, tiny_folder, capsys):
+    f = facts(tmp_path, [GOOD])
+    assert cli.main(["edit", "--model", str(tiny_folder), "--method", "loreft", "--facts", str(f),
+                     "--out", str(tmp_path / "p"), "--set", "layers=1", "--set", "steps=2"]) == 0
+    assert cli.main(["apply", "--model", str(tiny_folder), "--patch", str(tmp_path / "p"), "--merge",
+                     "--out", str(tmp_path / "m")]) == 2
+    assert "cannot be merged" in capsys.readouterr().err
+
+
+def test_eval_command_end_to_end(tmp_path, tiny_folder, capsys):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([{"case_id": 5, "prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower",
+                                 "target_new": "Rome", "ground_truth": "Paris", "rephrase_prompt": "Eiffel Tower is in",
+                                 "locality_prompt": "Big Ben is in", "locality_ground_truth": "London"}]))
+    argv = ["eval", "--model", str(tiny_folder), "--method", "ft", "--bench", "counterfact", "--data", str(data),
+            "--mode", "batch", "--out", str(tmp_path / "run"), "--set", "layer=1", "--set", "steps=5",
+            "--set", "eval.fluency_cases=0", "--data-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["n_cases"] == 1 and {"pre", "post", "timing"} <= set(s)
+    assert "efficacy" in capsys.readouterr().out
+    assert cli.main(argv) == 0  # resumes: everything already done

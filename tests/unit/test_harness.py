@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from factedit import EditRequest, EvalCase, FactEditError, get_editor
+from factedit.eval.harness import EvalConfig, Runner
+from tiny import tiny_lm
+
+FT = dict(layer=1, lr=0.05, norm_constraint=1.0, steps=15)
+ECFG = EvalConfig(batch_size=4, ppl_tokens=64, ppl_window=16, fluency_cases=1, gen_length=12)
+TEXT = "The Eiffel Tower is in Paris . The Colosseum is in Rome . Big Ben is in London . " * 10
+
+
+def cf_cases():
+    raw = [("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", "Big Ben is in"),
+           ("The capital of Italy is", "Italy", "London", "Rome", "The Colosseum is in"),
+           ("Toko Yasuda plays the", "Toko Yasuda", "piano", "guitar", "Who plays the"),
+           ("Apple was founded by", "Apple", "Bill Gates", "Steve Jobs", "Steve Jobs founded")]
+    return [EvalCase(request=EditRequest(p, s, n, t, case_id=i), paraphrase_prompts=(f"Where is it ? {p}",),
+                     neighborhood_prompts=(nb,), generation_prompts=(p,))
+            for i, (p, s, n, t, nb) in enumerate(raw)]
+
+
+def zsre_cases():
+    return [EvalCase(request=EditRequest("What is the language of Danielle Darrieux ?", "Danielle Darrieux",
+                                         "English", case_id=0),
+                     paraphrase_prompts=("Danielle Darrieux speaks",), locality=(("The capital of France is", "Paris"),))]
+
+
+def run(tmp_path, name, mode, cases=None, bench="counterfact", **kw):
+    lm = tiny_lm("llama")
+    return Runner(lm, get_editor("ft", lm, **FT), cases or cf_cases(), bench=bench, mode=mode, out=tmp_path / name,
+                  edit_batch=2, eval_cfg=ECFG, general_text=TEXT, **kw).run()
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential", "single"])
+def test_modes_write_run_folder_and_summary(tmp_path, mode):
+    s = run(tmp_path, mode, mode)
+    out = tmp_path / mode
+    for f in ("run.json", "pre.jsonl", "cases.jsonl", "summary.json", "timing.json"):
+        assert (out / f).exists(), f
+    assert s["n_cases"] == 4 and s["mode"] == mode and s["method"] == "ft" and s["bench"] == "counterfact"
+    for phase in ("pre", "post"):
+        for k in ("efficacy", "generalization", "specificity"):
+            assert 0 <= s[phase][k] <= 100
+    assert s["post"]["efficacy"] > s["pre"]["efficacy"]
+    assert s["timing"]["edit_s"] > 0 and s["timing"]["eval_s"] > 0
+    recs = [json.loads(x) for x in (out / "cases.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in recs) == [0, 1, 2, 3] and all("pre" in r and "post" in r for r in recs)
+    if mode != "single":
+        assert s["pre"]["perplexity"] > 1 and "fluency" in s["post"]
+    assert (out / ("rounds/0001" if mode == "sequential" else "patch")).exists() or mode == "single"
+
+
+def test_interrupted_sequential_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    full = run(tmp_path, "full", "sequential")
+    from factedit.methods import ft
+
+    calls = {"n": 0}
+    orig = ft.FTEditor._compute
+
+    def flaky(self, lm, reqs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return orig(self, lm, reqs)
+
+    monkeypatch.setattr(ft.FTEditor, "_compute", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "resumed", "sequential")
+    assert (tmp_path / "resumed" / "rounds" / "0000").exists()
+    assert not (tmp_path / "resumed" / "rounds" / "0001").exists()
+    resumed = run(tmp_path, "resumed", "sequential")
+    assert calls["n"] == 3  # round 0 was loaded from disk, not recomputed
+    assert resumed["post"] == full["post"] and resumed["pre"] == full["pre"]
+
+
+def test_run_folder_of_another_run_is_refused(tmp_path):
+    run(tmp_path, "r", "batch")
+    with pytest.raises(FactEditError, match="holds a different run .*mode"):
+        run(tmp_path, "r", "sequential")
+
+
+def test_zsre_bench_reports_token_accuracy_and_agreement(tmp_path):
+    s = run(tmp_path, "z", "batch", cases=zsre_cases(), bench="zsre")
+    assert set(s["pre"]) >= {"efficacy", "generalization", "specificity"}
+    assert "locality" in s["post"] and 0 <= s["post"]["locality"] <= 100
+
+
+def test_pre_only_evaluates_the_unedited_model(tmp_path, monkeypatch):
+    from factedit.methods import ft
+
+    monkeypatch.setattr(ft.FTEditor, "_compute", lambda *a: (_ for _ in ()).throw(AssertionError("edited")))
+    s = run(tmp_path, "pre", "batch", pre_only=True)
+    assert s["method"] == "none" and s["n_cases"] == 4 and s["post"] == {} and "efficacy" in s["pre"]
