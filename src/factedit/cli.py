@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -114,6 +112,7 @@ def cmd_edit(args) -> int:
 
 def cmd_apply(args) -> int:
     from .eval.scoring import sample
+    from .fsutil import atomic_dir
     from .lm.load import load_lm
     from .patch.io import load_patch
 
@@ -135,17 +134,9 @@ def cmd_apply(args) -> int:
     if args.merge:
         handle.merge()
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             lm.model.save_pretrained(tmp, safe_serialization=True)
             lm.tokenizer.save_pretrained(tmp)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         print(f"merged model saved to {out}")
     return 0
 

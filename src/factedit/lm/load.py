@@ -12,8 +12,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import FactEditError
+from ..fsutil import atomic_dir
 from .arch import ArchRecord, arch_for, num_layers
 
 log = logging.getLogger(__name__)
@@ -140,18 +139,11 @@ def _dequantise_to_cache(name: str, target: Path) -> None:
     if missing or unexpected:
         raise RuntimeError(f"rebuilding {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     plain.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "factedit.json").write_text(json.dumps({"name": name, "source": gguf, "fingerprint": fingerprint_model(plain)}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        meta = {"name": name, "source": gguf, "fingerprint": fingerprint_model(plain)}
+        (tmp / "factedit.json").write_text(json.dumps(meta))
 
 
 def _load_folder(path: Path, dtype: torch.dtype, device: str | None):

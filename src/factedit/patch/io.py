@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import FactEditError
+from ..fsutil import atomic_dir
 from ..types import EditRequest
 from .base import Patch
 
@@ -37,17 +35,9 @@ def save_patch(patch: Patch, path) -> Path:
         "spec": patch.spec(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         save_file(patch.tensors(), str(tmp / TENSORS), metadata={"format": "factedit-patch"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
