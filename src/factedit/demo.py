@@ -26,7 +26,7 @@ def run_demo(model: str, method: str, overrides: dict, eval_overrides: dict, out
     from .registry import get_editor_class
 
     cases = demo_cases()
-    ecfg = eval_config({"fluency_cases": 5, "ppl_tokens": 4096, **eval_overrides})
+    ecfg = eval_config({"fluency_cases": 5, "ppl_tokens": 4096, "gen_length": 60, **eval_overrides})
     t0 = time.perf_counter()
     lm = load_lm(model)
     print(f"loaded {lm.name} ({lm.n_layers} layers, fingerprint {lm.fingerprint}) in {time.perf_counter() - t0:.1f} s")
