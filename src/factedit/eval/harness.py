@@ -10,6 +10,7 @@ holds a different run is refused.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -46,8 +47,6 @@ class EvalConfig:
 
 def _timing(out: Path) -> dict[str, float]:
     p = out / "timing.json"
-    import json
-
     return json.loads(p.read_text()) if p.exists() else {"edit_s": 0.0, "eval_s": 0.0}
 
 
@@ -82,8 +81,6 @@ class Runner:
 
     # ---- run folder ---------------------------------------------------------------------------------
     def _open_folder(self) -> None:
-        import json
-
         cfg_path = self.out / "run.json"
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
@@ -115,8 +112,6 @@ class Runner:
         return done
 
     def _general(self, phase: str) -> dict[str, Any]:
-        import json
-
         path = self.out / "general.json"
         gen = json.loads(path.read_text()) if path.exists() else {}
         if phase in gen:
