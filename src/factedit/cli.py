@@ -149,6 +149,33 @@ def cmd_demo(args) -> int:
     return run_demo(args.model, args.method, m_over, e_over, out=args.out)
 
 
+def cmd_stats(args) -> int:
+    from .lm.load import load_lm
+    from .locate.stats import corpus_text, describe, key_stats, null_projector
+
+    layers = cfgmod.parse_int_list(args.layers)
+    if not layers:
+        raise FactEditError("--layers is empty")
+    if args.tokens < 1 or args.max_len < 2:
+        raise FactEditError("--tokens must be >= 1 and --max-len >= 2")
+    corpus_text(args.corpus)  # a missing or empty corpus fails here, before the model loads
+    lm = load_lm(args.model)
+    lm.check_layers(layers)
+    t0 = time.perf_counter()
+    stats = key_stats(lm, layers, args.corpus, args.tokens, args.max_len)
+    print(f"{'layer':>5} {'keys':>9} {'dim':>5} {'trace':>10} {'eig_min':>10} {'eig_max':>10} {'cond':>10}"
+          + ("   null-space kept / energy through" if args.nullspace else ""))
+    for row in describe(stats):
+        line = (f"{row['layer']:>5} {row['count']:>9} {row['dim']:>5} {row['trace']:>10.4g} {row['eig_min']:>10.3g} "
+                f"{row['eig_max']:>10.3g} {row['cond']:>10.3g}")
+        if args.nullspace:
+            _, info = null_projector(stats[row["layer"]], args.nullspace, args.nullspace_mode)
+            line += f"   {info['kept']}/{info['dim']} ({100 * info['kept_fraction']:.1f}%) / {100 * info['energy_through']:.2f}%"
+        print(line)
+    print(f"statistics ready in {time.perf_counter() - t0:.1f} s (cached under the factedit cache folder)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="factedit", description="Knowledge editing for causal LMs")
     p.add_argument("--version", action="version", version=f"factedit {__version__}")
@@ -166,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, method_default="ft")
     sp.add_argument("--out", default=None, help="run folder (default: a temporary folder)")
     sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("stats", help="compute (or show cached) key statistics E[k kᵀ] for locate-then-edit methods")
+    sp.add_argument("--model", default="smollm2-135m")
+    sp.add_argument("--layers", required=True, help="e.g. 3-7 or 3,5,7")
+    sp.add_argument("--corpus", default=None, help="text file (default: WikiText-2 validation in shared/data)")
+    sp.add_argument("--tokens", type=int, default=200_000)
+    sp.add_argument("--max-len", type=int, default=512, help="tokens per window (never the full context)")
+    sp.add_argument("--nullspace", type=float, default=None, help="also report AlphaEdit's null space at this threshold")
+    sp.add_argument("--nullspace-mode", default="relative", choices=["absolute", "relative"])
+    sp.set_defaults(fn=cmd_stats)
 
     sp = sub.add_parser("methods", help="list editing methods")
     sp.set_defaults(fn=cmd_methods)

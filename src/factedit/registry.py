@@ -9,6 +9,10 @@ from .errors import FactEditError
 _METHODS: dict[str, tuple[str, str]] = {
     # name: ("module:Class", one-line description)
     "ft": ("factedit.methods.ft:FTEditor", "FT-L: fine-tune one MLP out-projection with an L-inf norm constraint"),
+    "rome": ("factedit.methods.locate:ROMEEditor", "ROME: rank-one closed-form edit of one MLP out-projection"),
+    "memit": ("factedit.methods.locate:MEMITEditor", "MEMIT: batch least-squares edit spread over several layers"),
+    "alphaedit": ("factedit.methods.locate:AlphaEditEditor", "AlphaEdit: MEMIT projected onto the null space of preserved keys"),
+    "nse": ("factedit.methods.locate:NSEEditor", "NSE: neuron-level sequential editing with weights rewinding"),
     "loreft": ("factedit.methods.reft:LoReFTEditor", "LoReFT: low-rank representation intervention on block outputs"),
 }
 

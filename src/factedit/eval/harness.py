@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,10 +177,22 @@ class Runner:
                 else:
                     k = len(self.cases) if self.mode == "batch" else self.edit_batch
                     rounds = [list(range(s, min(s + k, len(self.cases)))) for s in range(0, len(self.cases), k)]
+                    seq = self.mode == "sequential"
+                    state_dir = self.out / "editor_state"
+                    saved_round = -1
+                    if seq and (state_dir / "state.json").exists():
+                        saved_round = int(self.editor.load_state(state_dir).get("round", -1))
+                        log.info("sequential: editor state restored after round %d", saved_round)
                     for r, idx in enumerate(tqdm(rounds, desc=f"{self.mode} edits", disable=None)):
-                        path = self.out / ("patch" if self.mode == "batch" else f"rounds/{r:04d}")
+                        path = self.out / ("patch" if not seq else f"rounds/{r:04d}")
+                        if seq and r > saved_round and path.exists():
+                            # saved after the last saved editor state: recompute it from that state
+                            shutil.rmtree(path)
                         patch = self._compute_saved(path, [self.cases[i].request for i in idx])
                         handles.append(patch.apply(self.lm))
+                        if seq and r > saved_round:
+                            self.editor.commit(patch)
+                            self.editor.save_state(state_dir, round=r)
                     todo = [i for i in range(len(self.cases)) if i not in done]
                     for s in tqdm(range(0, len(todo), 64), desc="post-edit eval", disable=None if todo else True):
                         self._post_records(todo[s : s + 64], pre, w)

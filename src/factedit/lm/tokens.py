@@ -34,9 +34,13 @@ def encode_target(tok, prompt: str, target: str) -> tuple[list[int], list[int]]:
     return p_ids, t_ids
 
 
-def subject_last_index(tok, prompt: str, subject: str) -> int:
-    """Index (in ``encode(tok, prompt)``) of the last token of the first occurrence of ``subject``."""
-    start = prompt.find(subject)
+def subject_last_index(tok, prompt: str, subject: str, start: int | None = None) -> int:
+    """Index (in ``encode(tok, prompt)``) of the last token of ``subject``: its first occurrence, or
+    the occurrence at character offset ``start``."""
+    if start is None:
+        start = prompt.find(subject)
+    elif prompt[start : start + len(subject)] != subject:
+        raise FactEditError(f"subject {subject!r} is not at offset {start} of {prompt!r}")
     if start < 0:
         raise FactEditError(f"subject {subject!r} does not occur in prompt {prompt!r}")
     end = start + len(subject)

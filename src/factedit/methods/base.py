@@ -85,5 +85,53 @@ class Editor(ABC):
     def _compute(self, lm: LM, requests: list[EditRequest]) -> Patch: ...
 
     def apply(self, lm: LM, requests: Sequence[EditRequest]) -> tuple[Patch, Handle]:
+        """Compute, apply, and advance the editor's sequential state (see ``commit``)."""
         patch = self.compute(lm, requests)
-        return patch, patch.apply(lm)
+        handle = patch.apply(lm)
+        self.commit(patch)
+        return patch, handle
+
+    # ---- sequential state ------------------------------------------------------------------------------
+    # Editors that remember past edits (MEMIT-seq, AlphaEdit and NSE accumulate past keys) advance their
+    # state only in ``commit(patch)``, called once a computed patch has been applied to the model for
+    # good. ``compute`` alone never changes what the next edit does, so single-case evaluation (apply,
+    # score, revert) cannot leak state between independent edits.
+    def commit(self, patch: Patch) -> None:
+        return None
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        return None
+
+    def save_state(self, path, **extra: Any) -> None:
+        """Write the sequential state to folder ``path`` (safetensors + JSON), atomically."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from ..fsutil import atomic_dir
+
+        tensors, meta = self.state_dict()
+        with atomic_dir(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"method": self.name, "config": self.config_dict(),
+                                                         **extra, "meta": meta}, indent=1, default=str))
+
+    def load_state(self, path) -> dict[str, Any]:
+        """Restore the state saved by ``save_state``; returns the JSON record (with the ``extra`` keys)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        files = (path / "state.json", path / "state.safetensors")
+        if not all(f.exists() for f in files):
+            raise FactEditError(f"editor state folder '{path}' is incomplete")
+        rec = json.loads(files[0].read_text())
+        if rec.get("method") != self.name:
+            raise FactEditError(f"editor state in '{path}' is for method '{rec.get('method')}', not '{self.name}'")
+        self.load_state_dict(load_file(str(files[1])), rec.get("meta", {}))
+        return rec

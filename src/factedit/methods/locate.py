@@ -1,0 +1,427 @@
+"""Locate-then-edit editors: ROME, MEMIT, AlphaEdit and NSE (specs/locate.md).
+
+All four edit MLP out-projections W (d1 × d0, keys k ∈ R^d0 are its inputs) in closed form:
+
+- ROME: one layer, one rank-one update per request, W' k* = v* exactly; u = C⁻¹k*/‖C⁻¹k*‖.
+- MEMIT: z* at the last edited layer, residual spread over the layers in ascending order,
+  Δ = R Kᵀ (λ C0 + C_p + K Kᵀ)⁻¹ per layer, C_p = Σ K Kᵀ of past (committed) batches.
+- AlphaEdit: Δ = R Kᵀ P (P (K Kᵀ + C_p) + L2·I)⁻¹ — written as the solve (P(KKᵀ + C_p) + L2·I) Y = P K,
+  Δ = R Yᵀ — with P the projector onto the small-eigenvalue directions of C0.
+- NSE: MEMIT with z* from the original weights, updates restricted to the neurons that carry most of
+  the batch's key mass, and up to ``max_iterations`` passes over requests not yet at their target.
+
+Every update is kept factored (Δ = U Vᵀ of rank ≤ batch size) and solved in float64. ``compute`` edits
+the weights in place while it works (MEMIT's residual spreading needs the partially edited model) and
+restores them bit-exactly before returning. Sequential state — accumulated K Kᵀ per layer, the
+templates, NSE's original weights — advances only in ``commit`` and is saved with ``save_state``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from ..errors import FactEditError
+from ..lm.load import LM
+from ..locate import common
+from ..locate.stats import KeyStats, key_stats, null_projector
+from ..patch.weights import Delta, WeightPatch
+from ..types import EditRequest
+from .base import Editor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocateConfig:
+    layers: tuple[int, ...] = (4, 5, 6, 7, 8)  # edited MLP out-projections (Llama-3-8B defaults)
+    v_steps: int = 25
+    v_lr: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    kl_direction: str = "current_initial"  # the reference code's KL(P_δ ‖ P_orig); "initial_current" for the other
+    v_weight_decay: float = 0.5
+    early_stop_loss: float = 0.05
+    template_lengths: tuple[int, ...] = (10,)  # one group of sampled prefixes per length
+    templates_per_length: int = 5
+    template_seed: int = 0
+    key_average: str = "group"  # "group" (MEMIT: bare and prefixed halves) or "flat" (ROME)
+    z_batch: int = 16  # requests optimised together in the z* loop
+    z_fast: bool = True  # reuse hidden states below the site, LM head only where the loss reads
+    autocast: str = "none"  # "none" or "bf16" for the z* forward/backward
+    mom2_corpus: str | None = None  # text file for key statistics (None: shared WikiText-2 validation)
+    mom2_tokens: int = 200_000
+    mom2_max_len: int = 512
+    mom2_update_weight: float = 15000.0  # λ in λ·C0
+
+
+def _z_settings(c: LocateConfig) -> common.ZSettings:
+    return common.ZSettings(steps=c.v_steps, lr=c.v_lr, clamp_norm_factor=c.clamp_norm_factor,
+                            kl_factor=c.kl_factor, kl_direction=c.kl_direction, weight_decay=c.v_weight_decay,
+                            early_stop_loss=c.early_stop_loss, batch=c.z_batch, fast=c.z_fast, autocast=c.autocast)
+
+
+def _solve(A: torch.Tensor, B: torch.Tensor, what: str) -> torch.Tensor:
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise FactEditError(f"{what}: the system contains NaN or infinite values (check the key statistics)")
+    try:
+        return torch.linalg.solve(A, B)
+    except torch.linalg.LinAlgError:
+        raise FactEditError(f"{what}: the system is singular; collect key statistics over more tokens "
+                            "(--set mom2_tokens=...) or raise the regulariser") from None
+
+
+class LocateEditor(Editor):
+    """Shared machinery: templates, statistics, weights bookkeeping and the sequential state."""
+
+    Config = LocateConfig
+    accumulates = True  # keeps Σ K Kᵀ of committed batches
+
+    def __init__(self, config=None, preset=None) -> None:
+        super().__init__(config, preset)
+        self.templates: list[str] | None = None
+        self.cache_c: dict[int, torch.Tensor] = {}  # layer -> Σ K Kᵀ (float64) of committed batches
+        self.n_committed = 0
+        self._stats: dict[int, KeyStats] = {}
+
+    # ---- helpers -------------------------------------------------------------------------------------
+    def edit_layers(self) -> list[int]:
+        return sorted(int(x) for x in self.config.layers)
+
+    def _templates(self, lm: LM) -> list[str]:
+        if self.templates is None:
+            c = self.config
+            self.templates = common.context_templates(lm, c.template_lengths, c.templates_per_length, c.template_seed)
+        return self.templates
+
+    def stats(self, lm: LM, layers: list[int]) -> dict[int, KeyStats]:
+        missing = [l for l in layers if l not in self._stats]
+        if missing:
+            c = self.config
+            self._stats.update(key_stats(lm, missing, c.mom2_corpus, c.mom2_tokens, c.mom2_max_len))
+        return {l: self._stats[l] for l in layers}
+
+    def _validate_config(self, lm: LM) -> None:
+        c = self.config
+        lm.check_layers(self.edit_layers(), "edit layer")
+        if c.key_average not in ("group", "flat"):
+            raise FactEditError(f"key_average must be 'group' or 'flat', not '{c.key_average}'")
+
+    def validate(self, lm: LM, requests):
+        self._validate_config(lm)
+        return super().validate(lm, requests)
+
+    @staticmethod
+    def _weight(lm: LM, layer: int) -> tuple[str, torch.nn.Parameter]:
+        name = f"{lm.arch.mlp_out_path(layer)}.weight"
+        return name, lm.model.get_submodule(lm.arch.mlp_out_path(layer)).weight
+
+    @staticmethod
+    def _add(lm: LM, layer: int, U: torch.Tensor, V: torch.Tensor) -> None:
+        """W += U Vᵀ (U: d1 × r, V: d0 × r) in the module's layout, exactly as WeightPatch.apply adds it."""
+        _, w = LocateEditor._weight(lm, layer)
+        d = Delta(u=U.float(), v=V.float()) if lm.arch.layout == "linear" else Delta(u=V.float(), v=U.float())
+        with torch.no_grad():
+            w.add_(d.materialise().to(device=w.device, dtype=w.dtype))
+
+    def _patch(self, lm: LM, requests, factors: dict[int, list[tuple[torch.Tensor, torch.Tensor]]], meta: dict) -> WeightPatch:
+        deltas = {}
+        for layer, fs in factors.items():
+            if not fs:
+                continue
+            U = torch.cat([f[0] for f in fs], 1).float()
+            V = torch.cat([f[1] for f in fs], 1).float()
+            name, _ = self._weight(lm, layer)
+            deltas[name] = Delta(u=U, v=V) if lm.arch.layout == "linear" else Delta(u=V, v=U)
+        meta = {"preset": self.preset, "templates": self.templates, "n_committed_before": self.n_committed, **meta}
+        return WeightPatch(method=self.name, config=self.config_dict(), base_fingerprint=lm.fingerprint,
+                           requests=list(requests), meta=meta, deltas=deltas)
+
+    def _compute(self, lm: LM, requests: list[EditRequest]) -> WeightPatch:
+        originals = {l: self._weight(lm, l)[1].detach().clone() for l in self.edit_layers()}
+        try:
+            with torch.no_grad():
+                return self._edit(lm, requests)
+        finally:
+            with torch.no_grad():
+                for l, w in originals.items():
+                    self._weight(lm, l)[1].copy_(w)
+
+    @staticmethod
+    def warn_known(lm: LM, requests) -> None:
+        """Warn about requests whose target is already the model's greedy answer (their edit is ~0)."""
+        from ..lm.batch import batch_logits, make_batch
+
+        for s in range(0, len(requests), 32):
+            ch = requests[s : s + 32]
+            batch = make_batch(lm, [r.prompt for r in ch], [r.target_new for r in ch])
+            logits, labels = batch_logits(lm, batch)
+            ok = ((logits.argmax(-1) == labels) | (labels < 0)).all(1)
+            for r, known in zip(ch, ok.tolist()):
+                if known:
+                    log.warning("%s: target %r is already the model's answer; its update will be small", r.label,
+                                r.target_new)
+
+    def _edit(self, lm: LM, requests: list[EditRequest]) -> WeightPatch:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _post_keys(self, lm: LM, requests) -> dict[int, torch.Tensor]:
+        """Keys of the batch on the edited model (they feed C_p once the patch is committed)."""
+        return common.compute_keys(lm, requests, self._templates(lm), self.edit_layers(), self.config.key_average)
+
+    # ---- sequential state ----------------------------------------------------------------------------
+    def commit(self, patch) -> None:
+        pending = getattr(patch, "pending_keys", None)
+        if not self.accumulates:
+            self.n_committed += len(patch.requests)
+            return
+        if pending is None:
+            raise FactEditError(f"{self.name}: commit() needs a patch computed by this editor in this process")
+        for l, K in pending.items():  # K: (u, d0)
+            K = K.double()
+            self.cache_c[l] = self.cache_c.get(l, torch.zeros(K.shape[1], K.shape[1], dtype=torch.float64)) + K.T @ K
+        self.n_committed += len(patch.requests)
+        patch.pending_keys = None
+
+    def state_dict(self):
+        tensors = {f"cache_c.{l}": c for l, c in self.cache_c.items()}
+        return tensors, {"templates": self.templates, "n_committed": self.n_committed}
+
+    def load_state_dict(self, tensors, meta) -> None:
+        self.cache_c = {int(k.split(".", 1)[1]): v.double() for k, v in tensors.items() if k.startswith("cache_c.")}
+        self.templates = meta.get("templates")
+        self.n_committed = int(meta.get("n_committed", 0))
+
+    def reset_state(self) -> None:
+        self.cache_c, self.n_committed, self.templates = {}, 0, None
+
+    def _cp(self, layer: int, d0: int) -> torch.Tensor:
+        return self.cache_c.get(layer, torch.zeros(d0, d0, dtype=torch.float64))
+
+
+# ---- MEMIT ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MEMITConfig(LocateConfig):
+    accumulate: bool = True  # sequential MEMIT (AlphaEdit repo's MEMIT_seq): C_p += K Kᵀ after each committed batch
+
+
+class MEMITEditor(LocateEditor):
+    name = "memit"
+    Config = MEMITConfig
+
+    @property
+    def accumulates(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.config, "accumulate", True))
+
+    def _z(self, lm: LM, requests) -> tuple[torch.Tensor, list[dict]]:
+        site = lm.arch.block_path(self.loss_layer_z(lm))
+        return common.compute_z(lm, requests, self._templates(lm), site, _z_settings(self.config))
+
+    def loss_layer_z(self, lm: LM) -> int:
+        return self.edit_layers()[-1]  # MEMIT: z* lives at the last edited layer's output
+
+    def _layer_update(self, lm: LM, layer: int, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) with Δ = U Vᵀ for keys K (u × d0) and residuals R (u × d1)."""
+        C0 = self.stats(lm, [layer])[layer].moment()
+        Kd = K.double().T  # d0 × u
+        A = self.config.mom2_update_weight * C0 + self._cp(layer, C0.shape[0]) + Kd @ Kd.T
+        Y = _solve(A, Kd, f"{self.name} layer {layer}")  # d0 × u
+        return R.double().T, Y  # Δ = Rᵀ Yᵀ: (d1 × u)(u × d0)
+
+    def _spread(self, lm: LM, requests, zs: torch.Tensor, factors: dict, layer_hook=None) -> None:
+        """MEMIT §0.4: for each layer ascending, residual (z* − h_L)/(layers left), solve, apply."""
+        layers = self.edit_layers()
+        zl = lm.arch.block_path(self.loss_layer_z(lm))
+        for i, l in enumerate(layers):
+            K = common.compute_keys(lm, requests, self._templates(lm), [l], self.config.key_average)[l]
+            cur = common.site_values(lm, requests, zl)
+            R = (zs - cur) / (len(layers) - i)
+            U, V = (layer_hook or self._layer_update)(lm, l, K, R)
+            self._add(lm, l, U, V)
+            factors.setdefault(l, []).append((U, V))
+
+    def _edit(self, lm: LM, requests: list[EditRequest]) -> WeightPatch:
+        self.stats(lm, self.edit_layers())  # fail early on statistics problems, before the z* loop
+        self.warn_known(lm, requests)
+        zs, infos = self._z(lm, requests)
+        factors: dict = {}
+        self._spread(lm, requests, zs, factors)
+        patch = self._patch(lm, requests, factors, {"z": infos})
+        patch.pending_keys = self._post_keys(lm, requests) if self.accumulates else None
+        return patch
+
+
+# ---- AlphaEdit ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AlphaEditConfig(LocateConfig):
+    nullspace_threshold: float = 2e-2
+    nullspace_mode: str = "absolute"  # "absolute": eigenvalue < threshold (published); "relative": < threshold·λ_max
+    L2: float = 10.0  # the identity coefficient (official repo 10; EasyEdit yamls 1)
+
+
+class AlphaEditEditor(MEMITEditor):
+    name = "alphaedit"
+    Config = AlphaEditConfig
+
+    @property
+    def accumulates(self) -> bool:  # type: ignore[override]
+        return True
+
+    def projector(self, lm: LM, layer: int) -> tuple[torch.Tensor, dict]:
+        c = self.config
+        return null_projector(self.stats(lm, [layer])[layer], c.nullspace_threshold, c.nullspace_mode)
+
+    def _layer_update(self, lm, layer, K, R):
+        P, info = self.projector(lm, layer)
+        if info["kept"] == 0:
+            raise FactEditError(f"alphaedit layer {layer}: the null space at threshold {self.config.nullspace_threshold} "
+                                f"({self.config.nullspace_mode}) is empty; raise nullspace_threshold")
+        P = P.double()
+        Kd = K.double().T
+        d0 = P.shape[0]
+        A = P @ (Kd @ Kd.T + self._cp(layer, d0)) + self.config.L2 * torch.eye(d0, dtype=torch.float64)
+        Y = _solve(A, P @ Kd, f"alphaedit layer {layer}")
+        return R.double().T, Y
+
+
+# ---- NSE ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NSEConfig(LocateConfig):
+    mom2_update_weight: float = 15000.0
+    alpha: float = 2.5  # re-edit requests whose ‖z* − h_L‖ exceeds this (Llama3: 2.5, GPT-J 15, GPT2-XL 35)
+    upper_bound: float = 50.0  # ... but not outliers above this
+    max_iterations: int = 3  # passes; the last one only re-checks
+    neuron_threshold: float = 1.0  # p: neurons covering this fraction of the batch's key mass are updated
+
+
+class NSEEditor(MEMITEditor):
+    name = "nse"
+    Config = NSEConfig
+
+    def __init__(self, config=None, preset=None) -> None:
+        super().__init__(config, preset)
+        self.originals: dict[int, torch.Tensor] = {}  # W_out of the edited layers before any commit
+
+    @property
+    def accumulates(self) -> bool:  # type: ignore[override]
+        return True
+
+    def _z(self, lm, requests):
+        # Weights rewinding: z* always from the original weights of the edited layers.
+        if not self.originals:
+            return super()._z(lm, requests)
+        names = {self._weight(lm, l)[0]: w for l, w in self.originals.items()}
+        with common.swapped_weights(lm, names):
+            return super()._z(lm, requests)
+
+    def _layer_update(self, lm, layer, K, R):
+        c = self.config
+        C0 = self.stats(lm, [layer])[layer].moment()
+        d0 = C0.shape[0]
+        Kd = K.double().T  # d0 × u
+        q = Kd.abs().sum(1)
+        order = torch.argsort(q, descending=True)
+        csum = torch.cumsum(q[order], 0)
+        n = int(torch.searchsorted(csum, c.neuron_threshold * csum[-1] * (1 - 1e-12)).item()) + 1
+        S = order[: min(n, d0)].sort().values
+        Cp = self._cp(layer, d0)
+        KS = Kd[S]
+        A = c.mom2_update_weight * C0[S][:, S] + Cp[S][:, S] + KS @ KS.T
+        YS = _solve(A, KS, f"nse layer {layer}")
+        Y = torch.zeros(d0, Kd.shape[1], dtype=torch.float64)
+        Y[S] = YS
+        self._last_neurons[layer] = int(len(S))
+        return R.double().T, Y
+
+    def _edit(self, lm, requests):
+        c = self.config
+        if not self.originals:
+            self._pending_originals = {l: self._weight(lm, l)[1].detach().clone() for l in self.edit_layers()}
+        self.stats(lm, self.edit_layers())
+        self.warn_known(lm, requests)
+        zs, infos = self._z(lm, requests)
+        factors: dict = {}
+        zl = lm.arch.block_path(self.loss_layer_z(lm))
+        passes = []
+        self._last_neurons = {}
+        for it in range(c.max_iterations):
+            cur = common.site_values(lm, requests, zl)
+            dist = (zs - cur).norm(dim=1)
+            sel = [i for i in range(len(requests)) if c.alpha < float(dist[i]) < c.upper_bound]
+            passes.append({"pass": it, "mean_dist": round(float(dist.mean()), 3), "selected": len(sel),
+                           "neurons": dict(self._last_neurons)})
+            if not sel or it == c.max_iterations - 1:
+                break
+            sub = [requests[i] for i in sel]
+            self._spread(lm, sub, zs[sel], factors)
+        patch = self._patch(lm, requests, factors, {"z": infos, "passes": passes})
+        patch.pending_keys = self._post_keys(lm, requests)
+        return patch
+
+    def commit(self, patch) -> None:
+        if not self.originals and getattr(self, "_pending_originals", None):
+            self.originals = self._pending_originals
+        self._pending_originals = None
+        super().commit(patch)
+
+    def state_dict(self):
+        tensors, meta = super().state_dict()
+        tensors.update({f"original.{l}": w for l, w in self.originals.items()})
+        return tensors, meta
+
+    def load_state_dict(self, tensors, meta) -> None:
+        super().load_state_dict(tensors, meta)
+        self.originals = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("original.")}
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self.originals = {}
+
+
+# ---- ROME -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ROMEConfig(LocateConfig):
+    layers: tuple[int, ...] = (5,)  # exactly one layer
+    clamp_norm_factor: float = 4.0
+    template_lengths: tuple[int, ...] = (5, 10)
+    templates_per_length: int = 10
+    key_average: str = "flat"
+    mom2_adjustment: bool = True  # C = E[k kᵀ]; False: C = I (the Llama3 setting of the NSE/AlphaEdit repos)
+    z_batch: int = 1  # each request's v* is computed on the model after the previous requests' edits
+
+
+class ROMEEditor(LocateEditor):
+    name = "rome"
+    Config = ROMEConfig
+    accumulates = False
+
+    def _validate_config(self, lm):
+        super()._validate_config(lm)
+        if len(self.config.layers) != 1:
+            raise FactEditError(f"rome edits exactly one layer; got layers {list(self.config.layers)}")
+
+    def _edit(self, lm, requests):
+        c = self.config
+        layer = self.edit_layers()[0]
+        C = self.stats(lm, [layer])[layer].moment() if c.mom2_adjustment else None
+        self.warn_known(lm, requests)
+        site = lm.arch.mlp_out_path(layer)
+        factors: dict = {layer: []}
+        infos = []
+        templates = self._templates(lm)
+        for r in requests:  # ROME is sequential by nature: each edit sees the previous ones
+            k_avg = common.compute_keys(lm, [r], templates, [layer], c.key_average)[layer][0].double()
+            k_bare = common.compute_keys(lm, [r], ["{}"], [layer], "flat")[layer][0].double()
+            v_star, info = common.compute_z(lm, [r], templates, site, _z_settings(c), progress=False)
+            infos.extend(info)
+            u = _solve(C, k_avg[:, None], f"rome layer {layer}")[:, 0] if C is not None else k_avg.clone()
+            u = u / u.norm()
+            cur = common.site_values(lm, [r], site)[0].double()  # W k + b at the bare prompt
+            right = (v_star[0].double() - cur) / torch.dot(k_bare, u)
+            U, V = right[:, None], u[:, None]
+            self._add(lm, layer, U, V)
+            factors[layer].append((U, V))
+        return self._patch(lm, requests, factors, {"z": infos})

@@ -1,0 +1,352 @@
+"""Locate-then-edit machinery on tiny in-process models: statistics, keys, z*, closed forms, state."""
+
+import json
+
+import pytest
+import torch
+
+from factedit import EditRequest, FactEditError, get_editor
+from factedit.eval.harness import Runner
+from factedit.locate import common
+from factedit.locate.stats import key_stats, null_projector, token_windows
+from factedit.types import EvalCase
+from tiny import CORPUS, tiny_lm
+
+REQ = [
+    EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", case_id=1),
+    EditRequest("The capital of Italy is", "Italy", "London", "Rome", case_id=2),
+    EditRequest("Toko Yasuda plays the", "Toko Yasuda", "piano", "guitar", case_id=3),
+]
+TEXT = "\n\n".join(CORPUS * 20)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(TEXT)
+    return str(p)
+
+
+def strong(corpus, **kw):
+    """Settings under which the tiny random models move: large clamp and steps, small λ."""
+    base = dict(layers=(1, 2), mom2_corpus=corpus, mom2_tokens=1500, mom2_max_len=64, templates_per_length=2,
+                template_lengths=(4,), v_steps=30, v_lr=1.0, clamp_norm_factor=10.0, mom2_update_weight=1.0)
+    base.update(kw)
+    return base
+
+
+# ---- statistics -------------------------------------------------------------------------------------
+def naive_moment(lm, layer, windows):
+    ks = []
+    mod = lm.model.get_submodule(lm.arch.mlp_out_path(layer))
+    h = mod.register_forward_pre_hook(lambda _m, a: ks.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        for w in windows:
+            lm.model(input_ids=torch.tensor([w]))
+    h.remove()
+    k = torch.cat(ks)
+    return (k.T @ k) / k.shape[0], k.shape[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_one_pass_statistics_match_per_layer_reference(family):
+    lm = tiny_lm(family)
+    st = key_stats(lm, [0, 2], [TEXT], tokens=700, max_len=50, batch_size=3)
+    windows = token_windows(lm, TEXT, 700, 50)
+    assert max(len(w) for w in windows) == 50 and sum(len(w) for w in windows) == 700
+    for layer in (0, 2):
+        ref, n = naive_moment(lm, layer, windows)
+        assert st[layer].count == n == 700
+        assert st[layer].mom2_sum.dtype == torch.float64
+        assert torch.allclose(st[layer].moment(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_are_cached_and_keyed(monkeypatch):
+    lm = tiny_lm("llama")
+    a = key_stats(lm, [1], [TEXT], tokens=300, max_len=40)
+
+    def boom(*a, **k):
+        raise AssertionError("model ran although the statistics are cached")
+
+    monkeypatch.setattr(lm.model, "forward", boom)
+    b = key_stats(lm, [1], [TEXT], tokens=300, max_len=40)
+    assert torch.equal(a[1].mom2_sum, b[1].mom2_sum)
+    with pytest.raises(AssertionError, match="model ran"):  # another token count is another cache entry
+        key_stats(lm, [1], [TEXT], tokens=200, max_len=40)
+
+
+def test_interrupted_statistics_resume_to_the_same_result():
+    full = key_stats(tiny_lm("llama"), [1, 3], [TEXT], tokens=800, max_len=32, batch_size=2)[3].mom2_sum.clone()
+    # a second model fingerprint is not needed: clear the cache by using another length cap for both runs
+    lm = tiny_lm("llama")
+    calls = {"n": 0}
+    blk = lm.model.get_submodule(lm.arch.block_path(0))
+
+    def interrupt(*_):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+
+    h = blk.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        key_stats(lm, [1, 3], [TEXT], tokens=800, max_len=31, batch_size=2, checkpoint_s=0)
+    h.remove()
+    resumed = key_stats(lm, [1, 3], [TEXT], tokens=800, max_len=31, batch_size=2)
+    fresh = key_stats(tiny_lm("llama"), [1, 3], [TEXT + " "], tokens=800, max_len=31, batch_size=2)
+    assert resumed[3].count == fresh[3].count == 800
+    assert torch.allclose(resumed[3].mom2_sum, fresh[3].mom2_sum, rtol=1e-10)
+    assert full.shape == resumed[3].mom2_sum.shape
+
+
+def test_statistics_bad_input(tmp_path, cache):
+    lm = tiny_lm("llama")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(FactEditError, match="empty"):
+        key_stats(lm, [1], str(empty))
+    with pytest.raises(FactEditError, match="does not exist"):
+        key_stats(lm, [1], str(tmp_path / "nope.txt"))
+    with pytest.raises(FactEditError, match="out of range"):
+        key_stats(lm, [9], [TEXT])
+    st = key_stats(lm, [1], [TEXT], tokens=200, max_len=40)
+    # a corrupted cache file (NaN) is reported, naming the file
+    from safetensors.torch import save_file
+
+    from factedit.locate.stats import _read_meta
+
+    path = st[1].meta["_path"]
+    meta = _read_meta(__import__("pathlib").Path(path))
+    save_file({"mom2_sum": torch.full_like(st[1].mom2_sum, float("nan"))}, path, metadata={"factedit": json.dumps(meta)})
+    with pytest.raises(FactEditError, match="NaN"):
+        key_stats(lm, [1], [TEXT], tokens=200, max_len=40)
+
+
+def test_null_projector_modes():
+    lm = tiny_lm("llama")
+    st = key_stats(lm, [1], [TEXT], tokens=600, max_len=60)[1]
+    P, info = null_projector(st, 0.05, "relative")
+    assert torch.allclose(P @ P, P, atol=1e-5) and torch.allclose(P, P.T, atol=1e-6)
+    assert int(round(float(P.trace()))) == info["kept"] > 0
+    C = st.moment().float()
+    # P removes most of the preserved keys' energy: trace(P C) / trace(C) is the reported energy_through
+    assert abs(float((P @ C).trace() / C.trace()) - info["energy_through"]) < 1e-3
+    P2, info2 = null_projector(st, float(torch.linalg.eigvalsh(st.moment()).max()) * 0.05, "absolute")
+    assert info2["kept"] == info["kept"]
+    with pytest.raises(FactEditError, match="unknown null-space mode"):
+        null_projector(st, 0.1, "bogus")
+
+
+# ---- templates, keys, z* ----------------------------------------------------------------------------------
+def test_templates_cached_with_seed():
+    lm = tiny_lm("llama")
+    a = common.context_templates(lm, [4], 3, seed=7)
+    assert a[0] == "{}" and len(a) == 4 and all(t.endswith(". {}") for t in a[1:])
+    assert common.context_templates(lm, [4], 3, seed=7) == a
+
+
+def test_keys_average_groupwise():
+    lm = tiny_lm("llama")
+    T = ["{}", "A b . {}", "The c . {}"]
+    k = common.compute_keys(lm, REQ[:1], T, [1], "group")[1][0]
+    each = [common.compute_keys(lm, REQ[:1], [t], [1], "flat")[1][0] for t in T]
+    assert torch.allclose(k, (each[0] + (each[1] + each[2]) / 2) / 2, atol=1e-5)
+    flat = common.compute_keys(lm, REQ[:1], T, [1], "flat")[1][0]
+    assert torch.allclose(flat, sum(each) / 3, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_batched_z_equals_one_request_at_a_time(family):
+    lm = tiny_lm(family)
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    T = ["{}", "The Paris . {}"]
+    site = lm.arch.block_path(2)
+    s = common.ZSettings(steps=12, lr=0.5, clamp_norm_factor=4.0, batch=8)
+    z, info = common.compute_z(lm, REQ, T, site, s, progress=False)
+    single = torch.cat([common.compute_z(lm, [r], T, site, s, progress=False)[0] for r in REQ])
+    assert torch.allclose(z, single, rtol=1e-4, atol=1e-4 * float(z.abs().max()))
+    slow = common.compute_z(lm, REQ, T, site, common.ZSettings(steps=12, lr=0.5, clamp_norm_factor=4.0, fast=False),
+                            progress=False)[0]
+    assert torch.allclose(z, slow, rtol=1e-4, atol=1e-4 * float(z.abs().max()))
+    h0 = common.site_values(lm, REQ, site)
+    assert all(i["loss"] >= 0 for i in info)
+    # the clamp holds: ‖z − h‖ ≤ 4‖h‖
+    assert bool(((z - h0).norm(dim=1) <= 4.0 * h0.norm(dim=1) * (1 + 1e-4)).all())
+
+
+def test_z_lowers_the_target_loss_and_kl_direction_is_a_choice():
+    lm = tiny_lm("llama")
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    site = lm.arch.block_path(2)
+    s0 = common.ZSettings(steps=1)
+    s = common.ZSettings(steps=30, lr=1.0, clamp_norm_factor=10.0)
+    before = common.compute_z(lm, REQ, ["{}"], site, s0, progress=False)[1]
+    after = common.compute_z(lm, REQ, ["{}"], site, s, progress=False)[1]
+    assert all(a["loss"] < b["loss"] - 0.5 for a, b in zip(after, before))
+    z1 = common.compute_z(lm, REQ, ["{}"], site, common.ZSettings(steps=8, kl_factor=5.0), progress=False)[0]
+    z2 = common.compute_z(lm, REQ, ["{}"], site, common.ZSettings(steps=8, kl_factor=5.0, kl_direction="initial_current"),
+                          progress=False)[0]
+    assert not torch.allclose(z1, z2)
+    with pytest.raises(FactEditError, match="kl_direction"):
+        common.compute_z(lm, REQ, ["{}"], site, common.ZSettings(kl_direction="sideways"), progress=False)
+
+
+# ---- closed forms -----------------------------------------------------------------------------------------
+def test_rome_hits_its_value_exactly(corpus):
+    lm = tiny_lm("llama")
+    ed = get_editor("rome", lm, **strong(corpus, layers=(1,)))
+    patch = ed.compute(lm, REQ[:1])
+    v_star = common.compute_z(lm, REQ[:1], ed.templates, lm.arch.mlp_out_path(1),
+                              __import__("factedit.methods.locate", fromlist=["x"])._z_settings(ed.config),
+                              progress=False)[0]
+    with patch.apply(lm):
+        got = common.site_values(lm, REQ[:1], lm.arch.mlp_out_path(1))
+    assert torch.allclose(got, v_star, rtol=1e-4, atol=1e-3)
+    d = next(iter(patch.deltas.values()))
+    assert d.u.shape[1] == 1  # rank one
+
+
+def test_memit_one_layer_small_lambda_reaches_z(corpus):
+    lm = tiny_lm("llama")
+    ed = get_editor("memit", lm, **strong(corpus, layers=(2,), mom2_update_weight=1e-6))
+    patch = ed.compute(lm, REQ)
+    site = lm.arch.block_path(2)
+    from factedit.methods.locate import _z_settings
+
+    z = common.compute_z(lm, REQ, ed.templates, site, _z_settings(ed.config), progress=False)[0]
+    h0 = common.site_values(lm, REQ, site)
+    with patch.apply(lm):
+        h1 = common.site_values(lm, REQ, site)
+    # the keys at the bare prompt differ from the template-averaged keys, so only most of the way
+    assert float((h1 - z).norm()) < 0.35 * float((h0 - z).norm())
+
+
+def test_alphaedit_update_lies_in_the_null_space(corpus):
+    lm = tiny_lm("llama")
+    ed = get_editor("alphaedit", lm, **strong(corpus, nullspace_mode="relative", nullspace_threshold=0.05, L2=0.1))
+    patch = ed.compute(lm, REQ)
+    for layer in (1, 2):
+        P, _ = ed.projector(lm, layer)
+        d = patch.deltas[f"{lm.arch.mlp_out_path(layer)}.weight"].materialise()  # (out, in)
+        assert float((d - d @ P).abs().max()) < 1e-4 * float(d.abs().max())
+
+
+def test_nse_full_neurons_one_pass_equals_memit(corpus):
+    lm = tiny_lm("llama")
+    kw = strong(corpus)
+    m = get_editor("memit", lm, **kw).compute(lm, REQ)
+    n = get_editor("nse", lm, **kw, alpha=0.0, upper_bound=1e9, max_iterations=2, neuron_threshold=1.0).compute(lm, REQ)
+    for k in m.deltas:
+        assert torch.allclose(m.deltas[k].materialise(), n.deltas[k].materialise(), atol=1e-5)
+
+
+def test_nse_neuron_selection_leaves_other_columns_untouched(corpus):
+    lm = tiny_lm("llama")
+    ed = get_editor("nse", lm, **strong(corpus), alpha=0.0, upper_bound=1e9, max_iterations=2, neuron_threshold=0.5)
+    patch = ed.compute(lm, REQ)
+    d = patch.deltas[f"{lm.arch.mlp_out_path(1)}.weight"].materialise()
+    zero_cols = (d.abs().sum(0) == 0).sum()
+    assert 0 < int(zero_cols) < d.shape[1]
+
+
+def test_locate_editors_reject_bad_layers(corpus):
+    lm = tiny_lm("gpt2")
+    with pytest.raises(FactEditError, match="out of range"):
+        get_editor("memit", lm, **strong(corpus, layers=(2, 9))).compute(lm, REQ)
+    with pytest.raises(FactEditError, match="exactly one layer"):
+        get_editor("rome", lm, **strong(corpus)).compute(lm, REQ)
+
+
+def test_target_already_the_answer_is_reported(corpus, caplog):
+    from factedit.lm.batch import batch_logits, make_batch
+
+    lm = tiny_lm("llama")
+    req = None
+    for r in REQ:  # find a prompt whose greedy next token is a whole word, and make it the target
+        for p in (r.prompt, r.prompt + " the", r.prompt + " a"):
+            ids = torch.tensor([lm.tokenizer(p)["input_ids"]])
+            word = lm.tokenizer.decode([int(lm.model(input_ids=ids).logits[0, -1].argmax())])
+            if word.startswith(" ") and word.strip():
+                cand = EditRequest(p, r.subject, word.strip(), case_id=9)
+                logits, labels = batch_logits(lm, make_batch(lm, [p], [cand.target_new]))
+                if bool(((logits.argmax(-1) == labels) | (labels < 0)).all()):
+                    req = cand
+                    break
+        if req:
+            break
+    assert req is not None
+    with caplog.at_level("WARNING"):
+        patch = get_editor("memit", lm, **strong(corpus)).compute(lm, [req])
+    assert "already" in caplog.text
+    assert all(torch.isfinite(d.materialise()).all() for d in patch.deltas.values())
+
+
+# ---- sequential state ---------------------------------------------------------------------------------------
+def test_compute_alone_does_not_advance_state(corpus):
+    lm = tiny_lm("llama")
+    ed = get_editor("alphaedit", lm, **strong(corpus, nullspace_mode="relative", nullspace_threshold=0.05))
+    p1 = ed.compute(lm, REQ[:2])
+    assert ed.cache_c == {} and ed.n_committed == 0
+    ed.commit(p1)
+    # layer-2 keys depend on the layer-1 edit: C_p holds the keys of the *edited* model
+    K = common.compute_keys(lm, REQ[:2], ed.templates, [2], "group")[2].double()
+    assert ed.n_committed == 2 and set(ed.cache_c) == {1, 2}
+    assert not torch.allclose(ed.cache_c[2], K.T @ K)
+    with p1.apply(lm):
+        K1 = common.compute_keys(lm, REQ[:2], ed.templates, [2], "group")[2].double()
+    assert torch.allclose(ed.cache_c[2], K1.T @ K1, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "nse", "memit"])
+def test_interrupted_sequential_run_resumes_to_the_same_weights(method, corpus, tmp_path):
+    cases = [EvalCase(request=r, paraphrase_prompts=(r.prompt,), neighborhood_prompts=(r.prompt,))
+             for r in REQ + [EditRequest("Big Ben is in", "Big Ben", "Paris", "London", case_id=4)]]
+    kw = strong(corpus, v_steps=6)
+    if method == "alphaedit":
+        kw.update(nullspace_mode="relative", nullspace_threshold=0.05)
+    if method == "nse":
+        kw.update(alpha=0.0, upper_bound=1e9)
+    ecfg = __import__("factedit.eval.harness", fromlist=["x"]).EvalConfig(ppl_tokens=0, fluency_cases=0)
+
+    def final_weights(out, interrupt_round=None):
+        lm = tiny_lm("llama")
+        ed = get_editor(method, lm, **kw)
+        if interrupt_round is not None:
+            real = ed.compute
+            calls = {"n": 0}
+
+            def flaky(*a, **k):
+                calls["n"] += 1
+                if calls["n"] == interrupt_round + 1:
+                    raise KeyboardInterrupt
+                return real(*a, **k)
+
+            ed.compute = flaky
+            with pytest.raises(KeyboardInterrupt):
+                Runner(lm, ed, cases, bench="counterfact", mode="sequential", out=out, edit_batch=1, eval_cfg=ecfg).run()
+            lm = tiny_lm("llama")
+            ed = get_editor(method, lm, **kw)  # a new process: fresh model and editor
+        Runner(lm, ed, cases, bench="counterfact", mode="sequential", out=out, edit_batch=1, eval_cfg=ecfg).run()
+        from factedit.patch.base import Patch
+
+        total = {}
+        for r in range(4):
+            for k, d in Patch.load(out / f"rounds/{r:04d}").deltas.items():
+                total[k] = total.get(k, 0) + d.materialise()
+        return total, ed
+
+    a, ed_a = final_weights(tmp_path / "a")
+    b, ed_b = final_weights(tmp_path / "b", interrupt_round=2)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+    assert ed_a.n_committed == ed_b.n_committed == 4  # the resumed editor restored 2 and committed 2
+    state = json.loads((tmp_path / "b" / "editor_state" / "state.json").read_text())
+    assert state["round"] == 3 and state["meta"]["n_committed"] == 4
