@@ -366,9 +366,14 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
         for it in range(s.steps):
             opt.zero_grad(set_to_none=True)
             with ac():
-                hfin = upper.final_hidden(rows, cached)
-                x = torch.cat([hfin[nll_r_t, nll_p_t], hfin[kl_rows, pos_t[kl_rows]]])
-                logits = head_logits(lm, x).float()
+                if s.fast:
+                    hfin = upper.final_hidden(rows, cached)
+                    x = torch.cat([hfin[nll_r_t, nll_p_t], hfin[kl_rows, pos_t[kl_rows]]])
+                    logits = head_logits(lm, x).float()
+                else:  # the straightforward path: full forward, logits everywhere, then pick
+                    full = lm.model(input_ids=rows.input_ids.to(dev), attention_mask=rows.attention_mask.to(dev),
+                                    use_cache=False).logits
+                    logits = torch.cat([full[nll_r_t, nll_p_t], full[kl_rows, pos_t[kl_rows]]]).float()
             state["first"] = False
             logp = torch.log_softmax(logits, -1)
             n_nll = len(nll_r)
