@@ -82,3 +82,25 @@ def test_gemma3_second_family_when_installed():
     with patch.apply(lm):
         new, true = score_targets(lm, [r.prompt] * 2, ["Rome", "Paris"])
     assert new.nll < true.nll
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_locate_editors_on_demo_facts(smollm, data_dir, method, tmp_path, tmp_path_factory, monkeypatch):
+    """MEMIT / AlphaEdit with the SmolLM2 preset on 3 shipped facts (statistics over 20k WikiText tokens
+    to stay fast: enough for the solve to be well posed at d_ff = 1536; computed once, in a test cache)."""
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path_factory.getbasetemp() / "locate-cache"))
+    cases = demo_cases()[:3]
+    ed = get_editor(method, smollm, mom2_tokens=20_000, templates_per_length=2, z_batch=3, autocast="bf16")
+    assert ed.preset == f"{method}/llama-30l.yaml" and list(ed.config.layers) == [3, 4, 5, 6, 7]
+    before = {k: v.clone() for k, v in smollm.model.state_dict().items()}
+    patch = ed.compute(smollm, [c.request for c in cases])
+    assert all(torch.equal(before[k], v) for k, v in smollm.model.state_dict().items())
+    pre = aggregate([{k: v for k, v in r.items() if k != "raw"} for r in score_cases(smollm, cases, "counterfact")])
+    with patch.apply(smollm):
+        post = aggregate([{k: v for k, v in r.items() if k != "raw"} for r in score_cases(smollm, cases, "counterfact")])
+    assert pre["efficacy"] == 0.0 and post["efficacy"] == 100.0
+    ed.commit(patch)
+    ed.save_state(tmp_path / "state", round=0)
+    ed2 = get_editor(method, smollm)
+    ed2.load_state(tmp_path / "state")
+    assert ed2.n_committed == 3 and set(ed2.cache_c) == {3, 4, 5, 6, 7} and ed2.templates == ed.templates
