@@ -1,17 +1,62 @@
-"""Hyper-parameter sweep: python bench/sweep.py METHOD '{"key": [values], ...}' (first 40 CounterFact-edit records, batch)."""
-import sys, time, itertools, json
-from factedit.lm.load import load_lm
-from factedit.data import default_bench_file, load_counterfact
-from factedit.eval.metrics import score_cases, aggregate
+"""Hyper-parameter / layer sweep on the embedded model (the tool behind the SmolLM2 presets).
+
+    python bench/sweep.py METHOD '{"key": [values], ...}' [--n 40] [--out bench/results/sweep.json]
+
+Each grid point edits the first N CounterFact-edit records in one batch and scores efficacy,
+generalisation and specificity (pre-edit figures once, for reference). Layer windows are given as
+strings: '{"layers": ["2-6", "3-7", "6-10"]}'. Results are appended to --out as JSON Lines.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
 from factedit import get_editor
-lm = load_lm()
-cases = load_counterfact(default_bench_file("counterfact"), 40)
-method = sys.argv[1]; grid = json.loads(sys.argv[2])
-keys = list(grid)
-for vals in itertools.product(*grid.values()):
-    ov = dict(zip(keys, vals))
-    ed = get_editor(method, lm, **ov)
-    t = time.time(); p = ed.compute(lm, [c.request for c in cases]); dt = time.time() - t
-    with p.apply(lm):
-        m = aggregate([{k: v for k, v in r.items() if k != 'raw'} for r in score_cases(lm, cases, "counterfact")])
-    print(ov, f"{dt:.1f}s", {k: m[k] for k in ("efficacy", "generalization", "specificity")}, flush=True)
+from factedit.data import default_bench_file, load_counterfact
+from factedit.eval.metrics import aggregate, score_cases
+from factedit.lm.load import load_lm
+
+
+def scores(lm, cases):
+    m = aggregate([{k: v for k, v in r.items() if k != "raw"} for r in score_cases(lm, cases, "counterfact")])
+    return {k: m[k] for k in ("efficacy", "generalization", "specificity")}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("method")
+    ap.add_argument("grid", help="JSON object: key -> list of values")
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    lm = load_lm()
+    cases = load_counterfact(default_bench_file("counterfact"), args.n)
+    grid = json.loads(args.grid)
+    pre = scores(lm, cases)
+    print("pre", pre, flush=True)
+    for vals in itertools.product(*grid.values()):
+        ov = dict(zip(grid, vals))
+        ed = get_editor(args.method, lm, **ov)
+        t = time.time()
+        p = ed.compute(lm, [c.request for c in cases])
+        dt = time.time() - t
+        with p.apply(lm):
+            post = scores(lm, cases)
+        rec = {"method": args.method, "overrides": ov, "n": args.n, "pre": pre, "post": post,
+               "s_per_fact": round(dt / args.n, 2), "threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
+               "torch": torch.__version__, "machine": platform.machine()}
+        print(json.dumps(rec), flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()

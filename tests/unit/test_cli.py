@@ -111,3 +111,34 @@ def test_eval_command_end_to_end(tmp_path, tiny_folder, capsys):
     assert s["n_cases"] == 1 and {"pre", "post", "timing"} <= set(s)
     assert "efficacy" in capsys.readouterr().out
     assert cli.main(argv) == 0  # resumes: everything already done
+
+
+def test_stats_rejects_bad_input_before_loading(no_model, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert cli.main(["stats", "--layers", "1-2", "--corpus", str(empty)]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert cli.main(["stats", "--layers", "1-2", "--corpus", str(tmp_path / "missing.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["stats", "--layers", "1", "--tokens", "0", "--corpus", str(empty)]) == 2
+
+
+def test_stats_on_a_local_model(tiny_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "c.txt"
+    from tiny import CORPUS
+
+    corpus.write_text("\n\n".join(CORPUS * 10))
+    args = ["stats", "--model", str(tiny_folder), "--layers", "1-2", "--corpus", str(corpus), "--tokens", "300",
+            "--max-len", "50", "--nullspace", "0.1"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "300" in out and out.count("\n") >= 3
+    assert cli.main(args[:3] + ["--layers", "7", "--corpus", str(corpus)]) == 2  # out of range, named
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_methods_lists_locate_family(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(m in out for m in ("rome", "memit", "alphaedit", "nse"))
