@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 3 figures on SmolLM2-135M (run from the repo root after `make install`; one job at a time on a
+# 2-core CPU: concurrent jobs slow each other down far more than 2x).
+set -euo pipefail
+F=".venv/bin/factedit"; [ -x "$F" ] || F=factedit
+PY=".venv/bin/python"; [ -x "$PY" ] || PY=python
+OUT=${OUT:-runs}
+N=${N:-1000}
+EV="--set eval.fluency_cases=10"
+$F -q stats --layers 3-8 --tokens 200000 --nullspace 0.02 --nullspace-mode absolute
+$PY bench/zstar_speed.py --n 4 --batch 4 --out bench/results/zstar_speed.json
+# sequential, rounds of 100, evaluated once at the end on all edited facts
+for m in alphaedit nse memit; do
+  $F -q eval --method $m --bench counterfact --limit $N --mode sequential --batch-size 100 --out $OUT/$m-seq$N $EV
+done
+# batch, 100 facts at once
+for m in rome memit; do
+  $F -q eval --method $m --bench counterfact --limit 100 --mode batch --out $OUT/$m-cf100 $EV
+done
+# zsRE token accuracy, 100 facts in one batch
+for m in rome memit alphaedit nse; do
+  $F -q eval --method $m --bench zsre --limit 100 --mode batch --out $OUT/$m-zsre100 $EV
+done
