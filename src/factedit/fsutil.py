@@ -11,18 +11,26 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
-def write_json(path, obj: Any) -> None:
-    """Write ``obj`` to ``path`` through a temporary file and an atomic rename."""
+@contextmanager
+def atomic_file(path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it replaces ``path`` by a rename, on any
+    error (or interruption) it is removed, so ``path`` is never left half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` through a temporary file and an atomic rename."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
 
 
 def read_jsonl(path) -> list[dict]:

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import FactEditError
+from ..fsutil import atomic_file
 from ..lm.load import LM, cache_root
 
 log = logging.getLogger(__name__)
@@ -117,16 +117,8 @@ def _stem(module: str, corpus_hash: str, tokens: int, max_len: int, dtype: torch
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"factedit": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"factedit": json.dumps(meta)})
 
 
 def _read_meta(path: Path) -> dict:
@@ -178,7 +170,6 @@ def key_stats(lm: LM, layers: list[int], corpus=None, tokens: int = 200_000, max
 def _compute(lm, layers, text, desc, chash, tokens, max_len, batch_size, dtype, files, checkpoint_s, progress):
     windows = token_windows(lm, text, tokens, max_len)
     n_tok = sum(len(w) for w in windows)
-    # Order windows by length so that a batch never pads (only the last window can be shorter).
     ckpt = _stats_dir(lm) / (f"partial-{hashlib.sha256(json.dumps([layers, chash, tokens, max_len, str(dtype)]).encode()).hexdigest()[:16]}.safetensors")
     mlp_out = {l: lm.model.get_submodule(lm.arch.mlp_out_path(l)) for l in layers}
     d0 = int(next(iter(mlp_out.values())).weight.shape[1 if lm.arch.layout == "linear" else 0])
@@ -221,7 +212,7 @@ def _compute(lm, layers, text, desc, chash, tokens, max_len, batch_size, dtype, 
     try:
         i = start
         while i < len(windows):
-            L = len(windows[i])
+            L = len(windows[i])  # a batch holds windows of one length (only the last can be shorter): no padding
             j = i
             while j < len(windows) and j - i < batch_size and len(windows[j]) == L:
                 j += 1
