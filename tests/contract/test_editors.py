@@ -11,11 +11,11 @@ from factedit import EditRequest, FactEditError, get_editor
 from factedit.errors import FingerprintMismatch
 from factedit.eval.scoring import score_targets
 from factedit.patch.base import Patch
-from tiny import FAMILIES, tiny_lm
+from tiny import CORPUS, FAMILIES, tiny_lm
 
 # Strong settings: the tiny random models need large steps to learn anything in a few iterations.
 _TMP = Path(tempfile.mkdtemp(prefix="factedit-contract-"))
-(_TMP / "corpus.txt").write_text("\n\n".join(__import__("tiny").CORPUS * 20))
+(_TMP / "corpus.txt").write_text("\n\n".join(CORPUS * 20))
 # Locate-then-edit settings under which tiny random models move (large clamp, small λ, few templates).
 _LOCATE = dict(layers=(1, 2), mom2_corpus=str(_TMP / "corpus.txt"), mom2_tokens=1500, mom2_max_len=64,
                templates_per_length=2, template_lengths=(4,), v_steps=25, v_lr=1.0, clamp_norm_factor=10.0,

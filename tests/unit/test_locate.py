@@ -1,14 +1,16 @@
 """Locate-then-edit machinery on tiny in-process models: statistics, keys, z*, closed forms, state."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from factedit import EditRequest, FactEditError, get_editor
-from factedit.eval.harness import Runner
+from factedit.eval.harness import EvalConfig, Runner
 from factedit.locate import common
 from factedit.locate.stats import key_stats, null_projector, token_windows
+from factedit.methods.locate import _z_settings
 from factedit.types import EvalCase
 from tiny import CORPUS, tiny_lm
 
@@ -121,7 +123,7 @@ def test_statistics_bad_input(tmp_path, cache):
     from factedit.locate.stats import _read_meta
 
     path = st[1].meta["_path"]
-    meta = _read_meta(__import__("pathlib").Path(path))
+    meta = _read_meta(Path(path))
     save_file({"mom2_sum": torch.full_like(st[1].mom2_sum, float("nan"))}, path, metadata={"factedit": json.dumps(meta)})
     with pytest.raises(FactEditError, match="NaN"):
         key_stats(lm, [1], [TEXT], tokens=200, max_len=40)
@@ -204,7 +206,7 @@ def test_rome_hits_its_value_exactly(corpus):
     ed = get_editor("rome", lm, **strong(corpus, layers=(1,)))
     patch = ed.compute(lm, REQ[:1])
     v_star = common.compute_z(lm, REQ[:1], ed.templates, lm.arch.mlp_out_path(1),
-                              __import__("factedit.methods.locate", fromlist=["x"])._z_settings(ed.config),
+                              _z_settings(ed.config),
                               progress=False)[0]
     with patch.apply(lm):
         got = common.site_values(lm, REQ[:1], lm.arch.mlp_out_path(1))
@@ -218,8 +220,6 @@ def test_memit_one_layer_small_lambda_reaches_z(corpus):
     ed = get_editor("memit", lm, **strong(corpus, layers=(2,), mom2_update_weight=1e-6))
     patch = ed.compute(lm, REQ)
     site = lm.arch.block_path(2)
-    from factedit.methods.locate import _z_settings
-
     z = common.compute_z(lm, REQ, ed.templates, site, _z_settings(ed.config), progress=False)[0]
     h0 = common.site_values(lm, REQ, site)
     with patch.apply(lm):
@@ -313,7 +313,7 @@ def test_interrupted_sequential_run_resumes_to_the_same_weights(method, corpus, 
         kw.update(nullspace_mode="relative", nullspace_threshold=0.05)
     if method == "nse":
         kw.update(alpha=0.0, upper_bound=1e9)
-    ecfg = __import__("factedit.eval.harness", fromlist=["x"]).EvalConfig(ppl_tokens=0, fluency_cases=0)
+    ecfg = EvalConfig(ppl_tokens=0, fluency_cases=0)
 
     def final_weights(out, interrupt_round=None):
         lm = tiny_lm("llama")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -144,12 +145,10 @@ def _block_index(lm: LM, path: str) -> int:
     return int(path[len(prefix) :].split(".")[0])
 
 
-def compute_keys(lm: LM, requests: Sequence[EditRequest], templates: list[str], layers: Sequence[int],
-                 average: str = "group") -> dict[int, torch.Tensor]:
-    """Keys (u, d0) per layer: the MLP out-projection input at the subject's last token.
-
-    average "group" (MEMIT): mean of the "{}" group and of the prefix group; "flat" (ROME): mean over
-    all templates."""
+def template_keys(lm: LM, requests: Sequence[EditRequest], templates: list[str],
+                  layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Keys per layer and template (u, n_templates, d0): the MLP out-projection input at the subject's
+    last token of each templated prompt."""
     texts, subjects, starts = [], [], []
     for r in requests:
         for t in templates:
@@ -159,15 +158,21 @@ def compute_keys(lm: LM, requests: Sequence[EditRequest], templates: list[str], 
             starts.append(off + r.prompt.index(r.subject))
     mods = {l: lm.arch.mlp_out_path(l) for l in layers}
     got = capture_at(lm, texts, subjects, starts, mods, "input")
-    n_t = len(templates)
-    out = {}
-    for l in layers:
-        k = got[l].view(len(requests), n_t, -1)
-        if average == "flat" or n_t == 1:
-            out[l] = k.mean(1)
-        else:
-            out[l] = (k[:, 0] + k[:, 1:].mean(1)) / 2
-    return out
+    return {l: got[l].view(len(requests), len(templates), -1) for l in layers}
+
+
+def average_keys(k: torch.Tensor, average: str = "group") -> torch.Tensor:
+    """(u, n_templates, d0) -> (u, d0). "group" (MEMIT): mean of the "{}" group (template 0) and of the
+    prefix group; "flat" (ROME): mean over all templates."""
+    if average == "flat" or k.shape[1] == 1:
+        return k.mean(1)
+    return (k[:, 0] + k[:, 1:].mean(1)) / 2
+
+
+def compute_keys(lm: LM, requests: Sequence[EditRequest], templates: list[str], layers: Sequence[int],
+                 average: str = "group") -> dict[int, torch.Tensor]:
+    """Template-averaged keys (u, d0) per layer (see ``average_keys``)."""
+    return {l: average_keys(k, average) for l, k in template_keys(lm, requests, templates, layers).items()}
 
 
 def site_values(lm: LM, requests: Sequence[EditRequest], site_path: str) -> torch.Tensor:
@@ -204,7 +209,9 @@ class _Upper:
     """Runs the blocks from ``start`` upwards on cached hidden states (checked against the full model
     once; families whose forward cannot start mid-stack fall back to the full forward)."""
 
-    _ok: dict = {}
+    # model -> {start block: usable}; weak keys, so a later model reusing a freed model's id() can
+    # never inherit its verdict
+    _ok: "weakref.WeakKeyDictionary[nn.Module, dict[int, bool]]" = weakref.WeakKeyDictionary()
 
     def __init__(self, lm: LM, start: int) -> None:
         self.lm, self.start = lm, start
@@ -255,8 +262,8 @@ class _Upper:
 
     @torch.no_grad()
     def usable(self, rows: Rows) -> bool:
-        key = (id(self.lm.model), self.start)
-        if key not in _Upper._ok:
+        known = _Upper._ok.setdefault(self.lm.model, {})
+        if self.start not in known:
             ref = self.final_hidden(rows, None)
             try:
                 alt = self.final_hidden(rows, self.block_inputs(rows))
@@ -268,8 +275,8 @@ class _Upper:
             if not ok:
                 log.info("z*: %s cannot start its forward at block %d (%s); using the full forward",
                          self.lm.model.config.model_type, self.start, err)
-            _Upper._ok[key] = ok
-        return _Upper._ok[key]
+            known[self.start] = ok
+        return known[self.start]
 
 
 def compute_z(lm: LM, requests: Sequence[EditRequest], templates: list[str], site_path: str,
@@ -418,16 +425,24 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
 
 
 @contextmanager
-def swapped_weights(lm: LM, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily replace named parameters' values (used by NSE to rewind to the original weights)."""
+def restored(lm: LM, names) -> Iterator[None]:
+    """Put the named parameters back to their current values on exit (bit-exact copies)."""
     params = dict(lm.model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in weights}
+    saved = {n: params[n].detach().clone() for n in names}
     try:
-        with torch.no_grad():
-            for n, w in weights.items():
-                params[n].copy_(w)
         yield
     finally:
         with torch.no_grad():
             for n, w in saved.items():
                 params[n].copy_(w)
+
+
+@contextmanager
+def swapped_weights(lm: LM, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily replace named parameters' values (used by NSE to rewind to the original weights)."""
+    params = dict(lm.model.named_parameters())
+    with restored(lm, weights):
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+        yield

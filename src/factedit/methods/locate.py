@@ -141,14 +141,8 @@ class LocateEditor(Editor):
                            requests=list(requests), meta=meta, deltas=deltas)
 
     def _compute(self, lm: LM, requests: list[EditRequest]) -> WeightPatch:
-        originals = {l: self._weight(lm, l)[1].detach().clone() for l in self.edit_layers()}
-        try:
-            with torch.no_grad():
-                return self._edit(lm, requests)
-        finally:
-            with torch.no_grad():
-                for l, w in originals.items():
-                    self._weight(lm, l)[1].copy_(w)
+        with common.restored(lm, [self._weight(lm, l)[0] for l in self.edit_layers()]), torch.no_grad():
+            return self._edit(lm, requests)
 
     @staticmethod
     def warn_known(lm: LM, requests) -> None:
@@ -214,7 +208,7 @@ class MEMITEditor(LocateEditor):
 
     @property
     def accumulates(self) -> bool:  # type: ignore[override]
-        return bool(getattr(self.config, "accumulate", True))
+        return bool(getattr(self.config, "accumulate", True))  # AlphaEdit / NSE configs have no switch: always
 
     def _z(self, lm: LM, requests) -> tuple[torch.Tensor, list[dict]]:
         site = lm.arch.block_path(self.loss_layer_z(lm))
@@ -231,7 +225,7 @@ class MEMITEditor(LocateEditor):
         Y = _solve(A, Kd, f"{self.name} layer {layer}")  # d0 × u
         return R.double().T, Y  # Δ = Rᵀ Yᵀ: (d1 × u)(u × d0)
 
-    def _spread(self, lm: LM, requests, zs: torch.Tensor, factors: dict, layer_hook=None) -> None:
+    def _spread(self, lm: LM, requests, zs: torch.Tensor, factors: dict) -> None:
         """MEMIT §0.4: for each layer ascending, residual (z* − h_L)/(layers left), solve, apply."""
         layers = self.edit_layers()
         zl = lm.arch.block_path(self.loss_layer_z(lm))
@@ -239,7 +233,7 @@ class MEMITEditor(LocateEditor):
             K = common.compute_keys(lm, requests, self._templates(lm), [l], self.config.key_average)[l]
             cur = common.site_values(lm, requests, zl)
             R = (zs - cur) / (len(layers) - i)
-            U, V = (layer_hook or self._layer_update)(lm, l, K, R)
+            U, V = self._layer_update(lm, l, K, R)
             self._add(lm, l, U, V)
             factors.setdefault(l, []).append((U, V))
 
@@ -265,10 +259,6 @@ class AlphaEditConfig(LocateConfig):
 class AlphaEditEditor(MEMITEditor):
     name = "alphaedit"
     Config = AlphaEditConfig
-
-    @property
-    def accumulates(self) -> bool:  # type: ignore[override]
-        return True
 
     def projector(self, lm: LM, layer: int) -> tuple[torch.Tensor, dict]:
         c = self.config
@@ -304,10 +294,6 @@ class NSEEditor(MEMITEditor):
     def __init__(self, config=None, preset=None) -> None:
         super().__init__(config, preset)
         self.originals: dict[int, torch.Tensor] = {}  # W_out of the edited layers before any commit
-
-    @property
-    def accumulates(self) -> bool:  # type: ignore[override]
-        return True
 
     def _z(self, lm, requests):
         # Weights rewinding: z* always from the original weights of the edited layers.
@@ -346,17 +332,16 @@ class NSEEditor(MEMITEditor):
         factors: dict = {}
         zl = lm.arch.block_path(self.loss_layer_z(lm))
         passes = []
-        self._last_neurons = {}
         for it in range(c.max_iterations):
             cur = common.site_values(lm, requests, zl)
             dist = (zs - cur).norm(dim=1)
             sel = [i for i in range(len(requests)) if c.alpha < float(dist[i]) < c.upper_bound]
-            passes.append({"pass": it, "mean_dist": round(float(dist.mean()), 3), "selected": len(sel),
-                           "neurons": dict(self._last_neurons)})
+            passes.append({"pass": it, "mean_dist": round(float(dist.mean()), 3), "selected": len(sel)})
             if not sel or it == c.max_iterations - 1:
                 break
-            sub = [requests[i] for i in sel]
-            self._spread(lm, sub, zs[sel], factors)
+            self._last_neurons = {}
+            self._spread(lm, [requests[i] for i in sel], zs[sel], factors)
+            passes[-1]["neurons"] = dict(self._last_neurons)  # neurons updated per layer in this pass
         patch = self._patch(lm, requests, factors, {"z": infos, "passes": passes})
         patch.pending_keys = self._post_keys(lm, requests)
         return patch
@@ -413,8 +398,8 @@ class ROMEEditor(LocateEditor):
         infos = []
         templates = self._templates(lm)
         for r in requests:  # ROME is sequential by nature: each edit sees the previous ones
-            k_avg = common.compute_keys(lm, [r], templates, [layer], c.key_average)[layer][0].double()
-            k_bare = common.compute_keys(lm, [r], ["{}"], [layer], "flat")[layer][0].double()
+            k = common.template_keys(lm, [r], templates, [layer])[layer].double()  # (1, n_templates, d0)
+            k_avg, k_bare = common.average_keys(k, c.key_average)[0], k[0, 0]  # template 0 is "{}"
             v_star, info = common.compute_z(lm, [r], templates, site, _z_settings(c), progress=False)
             infos.extend(info)
             u = _solve(C, k_avg[:, None], f"rome layer {layer}")[:, 0] if C is not None else k_avg.clone()
