@@ -176,10 +176,39 @@ def test_batched_z_equals_one_request_at_a_time(family):
     slow = common.compute_z(lm, REQ, T, site, common.ZSettings(steps=12, lr=0.5, clamp_norm_factor=4.0, fast=False),
                             progress=False)[0]
     assert torch.allclose(z, slow, rtol=1e-4, atol=1e-4 * float(z.abs().max()))
+    # llama and gemma3 run the δ-dependent columns only (prefix keys/values cached); gpt2 falls back
+    assert common._Upper._ok[lm.model][2] is (family != "gpt2")
     h0 = common.site_values(lm, REQ, site)
     assert all(i["loss"] >= 0 for i in info)
     # the clamp holds: ‖z − h‖ ≤ 4‖h‖
     assert bool(((z - h0).norm(dim=1) <= 4.0 * h0.norm(dim=1) * (1 + 1e-4)).all())
+
+
+def test_split_columns_partition_rows_and_never_cut_after_a_subject():
+    pos = [3, 0, 7, 7, 2, 12, 5]
+    lens = [9, 4, 15, 14, 6, 20, 8]
+    groups = common._split_columns(pos, lens, overhead=4)
+    assert sorted(i for g in groups for i in g) == list(range(len(pos)))
+    assert len(groups) > 1
+    assert common._split_columns(pos, lens, overhead=10_000) == [sorted(range(7), key=lambda i: (pos[i], lens[i]))]
+
+
+def test_requests_leaving_the_batch_at_different_steps_keep_their_results():
+    lm = tiny_lm("llama")
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    T = ["{}", "The Paris . {}"]
+    site = lm.arch.block_path(2)
+    probe = common.compute_z(lm, REQ, T, site, common.ZSettings(steps=6, lr=0.5), progress=False)[1]
+    # a stop threshold between the requests' losses: some stop early, others run on
+    stop = sorted(i["loss"] for i in probe)[len(probe) // 2]
+    s = common.ZSettings(steps=12, lr=0.5, clamp_norm_factor=4.0, batch=8, early_stop_loss=stop)
+    z, info = common.compute_z(lm, REQ, T, site, s, progress=False)
+    assert len({i["steps"] for i in info}) > 1
+    single = [common.compute_z(lm, [r], T, site, s, progress=False) for r in REQ]
+    assert [i["steps"] for i in info] == [x[1][0]["steps"] for x in single]
+    zs = torch.cat([x[0] for x in single])
+    assert torch.allclose(z, zs, rtol=1e-4, atol=1e-4 * float(z.abs().max()))
 
 
 def test_z_lowers_the_target_loss_and_kl_direction_is_a_choice():

@@ -205,9 +205,46 @@ class ZSettings:
     autocast: str = "none"  # "none" or "bf16"
 
 
+def _split_columns(pos: list[int], lens: list[int], overhead: int = 48) -> list[list[int]]:
+    """Partition rows into groups that share a split column P (the smallest subject position in the
+    group): columns before P never depend on δ, so they run once; columns P..T-1 run every step.
+    Rows sorted by P, cut into contiguous groups minimising Σ rows·(T−P) + ``overhead`` per group."""
+    order = sorted(range(len(pos)), key=lambda i: (pos[i], lens[i]))
+    n = len(order)
+    best = [0.0] + [float("inf")] * n
+    back = [0] * (n + 1)
+    for j in range(1, n + 1):
+        t = 0
+        for i in range(j, 0, -1):  # the group order[i-1 : j]
+            t = max(t, lens[order[i - 1]])
+            c = best[i - 1] + (j - i + 1) * (t - pos[order[i - 1]]) + overhead
+            if c < best[j]:
+                best[j], back[j] = c, i - 1
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[back[j] : j])
+        j = back[j]
+    return groups[::-1]
+
+
+@dataclass
+class _Group:
+    rows: torch.Tensor  # global row indices (B,)
+    P: int  # first column recomputed every step
+    h: torch.Tensor  # (B, T-P, d) inputs of the start block at columns P..T-1
+    kv: list  # per layer (keys, values) of columns < P, batch B
+    mask: torch.Tensor  # (B, T)
+
+
 class _Upper:
-    """Runs the blocks from ``start`` upwards on cached hidden states (checked against the full model
-    once; families whose forward cannot start mid-stack fall back to the full forward)."""
+    """Runs the blocks from ``start`` upwards on the columns from each row's subject onwards.
+
+    Below the site block nothing depends on δ, and neither does any column before the subject's last
+    token (the model is causal). So the start block's inputs and the keys/values of the earlier columns
+    are computed once; each step runs only blocks ``start..`` on columns ``P..`` (P per group of rows,
+    see ``_split_columns``). The first use per model and start block is checked against the full
+    forward; families whose forward cannot start mid-stack (GPT-2 adds position embeddings to
+    ``inputs_embeds``) fall back to the full forward."""
 
     # model -> {start block: usable}; weak keys, so a later model reusing a freed model's id() can
     # never inherit its verdict
@@ -217,6 +254,7 @@ class _Upper:
         self.lm, self.start = lm, start
         parent_path, _, self.attr = lm.arch.blocks.rpartition(".")
         self.parent = lm.model.get_submodule(parent_path) if parent_path else lm.model
+        self.base = lm.model.base_model  # the decoder without the LM head; ends with the final norm
 
     @contextmanager
     def truncated(self) -> Iterator[None]:
@@ -227,48 +265,65 @@ class _Upper:
         finally:
             setattr(self.parent, self.attr, full)
 
-    def final_hidden(self, rows: Rows, cached: torch.Tensor | None) -> torch.Tensor:
-        """Final-norm output (B, T, d) of a forward pass, from ``cached`` block inputs if given."""
-        got = {}
-        norm = self.lm.model.get_submodule(self.lm.arch.final_norm)
-        h = norm.register_forward_hook(lambda _m, _a, o: got.__setitem__("h", _first(o)))
-        with _hooks([h]):
-            dev = self.lm.device
-            mask = rows.attention_mask.to(dev)
-            if cached is not None:
-                with self.truncated():
-                    self.lm.model(inputs_embeds=cached, attention_mask=mask, use_cache=False, logits_to_keep=1)
-            else:
-                self.lm.model(input_ids=rows.input_ids.to(dev), attention_mask=mask, use_cache=False, logits_to_keep=1)
-        return got["h"]
+    def full(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Final-norm output (B, T, d) of the whole model (the LM head does not run)."""
+        return self.base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
     @torch.no_grad()
-    def block_inputs(self, rows: Rows) -> torch.Tensor:
-        got = {}
+    def prepare(self, rows: Rows, lens: list[int], groups: list[list[int]]) -> list[_Group]:
+        from transformers import DynamicCache  # noqa: F401 - imported here so a missing class fails early
+
+        dev = self.lm.device
         blk = self.lm.model.get_submodule(self.lm.arch.block_path(self.start))
+        out = []
+        for g in groups:
+            idx = torch.tensor(g)
+            P = int(rows.pos[idx].min())
+            T = max(lens[i] for i in g)
+            ids, mask = rows.input_ids[idx, :T].to(dev), rows.attention_mask[idx, :T].to(dev)
+            got = {}
 
-        def pre(_m, args, kwargs):
-            got["x"] = args[0] if args else kwargs["hidden_states"]
-            raise _Stop
+            def pre(_m, args, kwargs):
+                got["x"] = args[0] if args else kwargs["hidden_states"]
 
-        h = blk.register_forward_pre_hook(pre, with_kwargs=True)
-        with _hooks([h]):
-            try:
-                self.lm.model(input_ids=rows.input_ids.to(self.lm.device),
-                              attention_mask=rows.attention_mask.to(self.lm.device), use_cache=False)
-            except _Stop:
-                pass
-        return got["x"].detach()
+            h = blk.register_forward_pre_hook(pre, with_kwargs=True)
+            with _hooks([h]):
+                res = self.base(input_ids=ids, attention_mask=mask, use_cache=P > 0)
+            kv = []
+            if P > 0:
+                for layer in res.past_key_values.layers:
+                    kv.append((layer.keys[:, :, :P].detach(), layer.values[:, :, :P].detach()))
+            out.append(_Group(idx.to(dev), P, got["x"][:, P:].detach(), kv, mask))
+        return out
+
+    def run(self, g: _Group, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm output (B, T-P, d) at columns P.. of the group's rows (``keep``: a subset)."""
+        from transformers import DynamicCache
+
+        h, mask, kv = g.h, g.mask, g.kv
+        if keep is not None:
+            h, mask, kv = h[keep], mask[keep], [(k[keep], v[keep]) for k, v in kv]
+        B, T = mask.shape
+        pos_ids = torch.arange(g.P, T, device=h.device)[None].expand(B, -1)
+        cache = DynamicCache(ddp_cache_data=kv, config=self.lm.model.config) if g.P > 0 else None
+        with self.truncated():
+            return self.base(inputs_embeds=h, attention_mask=mask, position_ids=pos_ids, past_key_values=cache,
+                             use_cache=cache is not None).last_hidden_state
 
     @torch.no_grad()
-    def usable(self, rows: Rows) -> bool:
+    def usable(self, rows: Rows, lens: list[int]) -> bool:
         known = _Upper._ok.setdefault(self.lm.model, {})
         if self.start not in known:
-            ref = self.final_hidden(rows, None)
+            dev = self.lm.device
+            ref = self.full(rows.input_ids.to(dev), rows.attention_mask.to(dev))
             try:
-                alt = self.final_hidden(rows, self.block_inputs(rows))
-                m = rows.attention_mask.bool().to(ref.device)
-                err = float((ref - alt)[m].abs().max() / ref[m].abs().max().clamp(min=1e-6))
+                groups = self.prepare(rows, lens, _split_columns(rows.pos.tolist(), lens))
+                err = 0.0
+                for g in groups:
+                    alt = self.run(g)
+                    r = ref[g.rows, g.P : g.mask.shape[1]]
+                    m = g.mask[:, g.P :].bool()
+                    err = max(err, float((r - alt)[m].abs().max() / r[m].abs().max().clamp(min=1e-6)))
                 ok = err < 1e-4
             except Exception as e:  # noqa: BLE001 - any failure means "use the full forward"
                 err, ok = str(e), False
@@ -286,7 +341,8 @@ def compute_z(lm: LM, requests: Sequence[EditRequest], templates: list[str], sit
     Loss per request (mean over its templated prompts):
       NLL(target_new | template(prompt)) + kl_factor·KL(…"{subject} is a") + weight_decay·‖δ‖/‖h_init‖²
     Adam on δ; after each step δ is projected into ‖δ‖ ≤ clamp_norm_factor·‖h_init‖; a request stops
-    once its loss is below ``early_stop_loss`` (checked before the step, as the reference does)."""
+    once its loss is below ``early_stop_loss`` (checked before the step, as the reference does), and
+    its rows leave the batch."""
     if s.kl_direction not in ("current_initial", "initial_current"):
         raise FactEditError(f"unknown kl_direction '{s.kl_direction}' (current_initial or initial_current)")
     if s.autocast not in ("none", "bf16"):
@@ -308,12 +364,17 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
     tok = lm.tokenizer
     dev = lm.device
     u, n_t = len(requests), len(templates)
-    seqs, subj_pos, owner, t_lens, p_lens = [], [], [], [], []
+    # Rows: each template filled with the prompt, followed by the target; then one KL row per request.
+    # The fast path drops the tokens no read depends on (the model is causal): a rewriting row's last
+    # target token (nothing is predicted from it) and the " is a" after the subject of a KL row (the
+    # reference code reads the KL distribution at the subject's last token).
+    seqs, subj_pos, owner, t_lens, p_lens, labels = [], [], [], [], [], []
     for j, r in enumerate(requests):
         for t in templates:
             text, off = fill(t, r.prompt)
             p_ids, t_ids = encode_target(tok, text, r.target_new)
-            seqs.append(p_ids + t_ids)
+            seqs.append(p_ids + (t_ids[:-1] if s.fast else t_ids))
+            labels.append(t_ids)
             subj_pos.append(subject_last_index(tok, text, r.subject, start=off + r.prompt.index(r.subject)))
             owner.append(j)
             p_lens.append(len(p_ids))
@@ -321,50 +382,85 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
     n_rw = len(seqs)
     for j, r in enumerate(requests):  # KL rows: "{subject} is a"
         kl = f"{r.subject} is a"
-        seqs.append(encode(tok, kl))
         subj_pos.append(subject_last_index(tok, kl, r.subject))
+        seqs.append(encode(tok, kl)[: subj_pos[-1] + 1] if s.fast else encode(tok, kl))
         owner.append(j)
+    lens = [len(x) for x in seqs]
     ids, mask = pad_batch(seqs, tok.pad_token_id)
     rows = Rows(ids, mask, torch.tensor(subj_pos))
+    n_rows = len(seqs)
     owner_t = torch.tensor(owner, device=dev)
     pos_t = rows.pos.to(dev)
-    # (row, position) pairs the loss reads: target-predicting positions of rewriting rows, subject of KL rows
-    nll_r, nll_p, nll_lab, nll_own = [], [], [], []
+    # The (row, column) pairs the loss reads: the target-predicting columns of the rewriting rows
+    # (reads 0..n_nll-1), then the subject column of each KL row (reads n_nll.., one per request).
+    rd_row, rd_col, rd_lab = [], [], []
     for i in range(n_rw):
         for k in range(t_lens[i]):
-            nll_r.append(i)
-            nll_p.append(p_lens[i] - 1 + k)
-            nll_lab.append(seqs[i][p_lens[i] + k])
-            nll_own.append(i)
-    nll_r_t, nll_p_t = torch.tensor(nll_r, device=dev), torch.tensor(nll_p, device=dev)
-    nll_lab_t = torch.tensor(nll_lab, device=dev)
-    row_ntok = torch.tensor(t_lens, device=dev, dtype=torch.float32)
-    kl_rows = torch.arange(n_rw, len(seqs), device=dev)
+            rd_row.append(i)
+            rd_col.append(p_lens[i] - 1 + k)
+            rd_lab.append(labels[i][k])
+    n_nll = len(rd_row)
+    for i in range(n_rw, n_rows):
+        rd_row.append(i)
+        rd_col.append(subj_pos[i])
+        rd_lab.append(-1)
+    rd_row_t, rd_col_t = torch.tensor(rd_row, device=dev), torch.tensor(rd_col, device=dev)
+    rd_lab_t = torch.tensor(rd_lab, device=dev)
+    row_ntok = torch.tensor(t_lens + [1] * (n_rows - n_rw), device=dev, dtype=torch.float32)
+    reads_of_row: list[list[int]] = [[] for _ in range(n_rows)]
+    for r_i, row in enumerate(rd_row):
+        reads_of_row[row].append(r_i)
 
+    # One "call" per forward: the rows it runs, their δ-column inside its output, the reads it serves.
     layer = _block_index(lm, site_path)
     upper = _Upper(lm, layer)
-    cached = upper.block_inputs(rows) if (s.fast and upper.usable(rows)) else None
+    split = s.fast and upper.usable(rows, lens)
+    if split:
+        groups = upper.prepare(rows, lens, _split_columns(subj_pos, lens))
+    else:
+        groups = [None]
+
+    def call_meta(g, act_req: torch.Tensor):
+        """(keep, rows, δ columns, read ids, read (row-in-call, col-in-call)) for the active rows."""
+        g_rows = torch.arange(n_rows, device=dev) if g is None else g.rows
+        off = 0 if g is None else g.P
+        keep = act_req[owner_t[g_rows]]
+        rws = g_rows[keep]
+        rid, rr, rc = [], [], []
+        for k, row in enumerate(rws.tolist()):
+            for r_i in reads_of_row[row]:
+                rid.append(r_i)
+                rr.append(k)
+                rc.append(rd_col[r_i] - off)
+        return (None if bool(keep.all()) else keep.nonzero()[:, 0], rws, pos_t[rws] - off,
+                torch.tensor(rid, device=dev, dtype=torch.long), torch.tensor(rr, device=dev, dtype=torch.long),
+                torch.tensor(rc, device=dev, dtype=torch.long))
+
     site = lm.model.get_submodule(site_path)
     d = lm.hidden_size
     delta = torch.zeros(u, d, device=dev, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=s.lr)
-    h_init = torch.zeros(u, d, device=dev)
+    site_init = torch.zeros(n_rows, d, device=dev)
     bare_rows = torch.arange(0, n_rw, n_t, device=dev)  # template 0 is "{}"
-    state = {"first": True}
+    state: dict = {"first": True}
 
     def hook(_m, _a, out):
         o = _first(out)
+        b = torch.arange(o.shape[0], device=o.device)
         if state["first"]:
-            h_init.copy_(o[bare_rows, pos_t[bare_rows]].detach().float())
+            site_init[state["rows"]] = o[b, state["cols"]].detach().float()
         add = torch.zeros(o.shape, dtype=delta.dtype, device=o.device)
-        add = add.index_put((torch.arange(o.shape[0], device=o.device), pos_t), delta[owner_t])
+        add = add.index_put((b, state["cols"]), delta[owner_t[state["rows"]]])
         o2 = o + add.to(o.dtype)
         return (o2,) + tuple(out[1:]) if isinstance(out, tuple) else o2
 
     kl_init = None
-    done = torch.zeros(u, dtype=torch.bool)
+    h_init = None
+    done = torch.zeros(u, dtype=torch.bool, device=dev)
     last_loss = torch.zeros(u)
     n_steps = torch.zeros(u, dtype=torch.long)
+    metas = None
+
     def ac():
         return torch.autocast(dev.type, dtype=torch.bfloat16) if s.autocast == "bf16" else nullcontext()
 
@@ -372,47 +468,67 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
     try:
         for it in range(s.steps):
             opt.zero_grad(set_to_none=True)
+            if metas is None:  # (re)built at the start and whenever a request finishes
+                metas = [(g, call_meta(g, ~done)) for g in groups]
+                metas = [(g, m) for g, m in metas if len(m[1])]
+            xs, rids = [], []
             with ac():
-                if s.fast:
-                    hfin = upper.final_hidden(rows, cached)
-                    x = torch.cat([hfin[nll_r_t, nll_p_t], hfin[kl_rows, pos_t[kl_rows]]])
-                    logits = head_logits(lm, x).float()
-                else:  # the straightforward path: full forward, logits everywhere, then pick
-                    full = lm.model(input_ids=rows.input_ids.to(dev), attention_mask=rows.attention_mask.to(dev),
-                                    use_cache=False).logits
-                    logits = torch.cat([full[nll_r_t, nll_p_t], full[kl_rows, pos_t[kl_rows]]]).float()
-            state["first"] = False
+                for g, (keep, rws, cols, rid, rr, rc) in metas:
+                    state["rows"], state["cols"] = rws, cols
+                    if g is None and not s.fast:  # the straightforward path: logits everywhere, then pick
+                        full = lm.model(input_ids=rows.input_ids[rws.cpu()].to(dev),
+                                        attention_mask=rows.attention_mask[rws.cpu()].to(dev), use_cache=False).logits
+                        xs.append(full[rr, rc])
+                    else:
+                        hfin = upper.full(rows.input_ids[rws.cpu()].to(dev), rows.attention_mask[rws.cpu()].to(dev)) \
+                            if g is None else upper.run(g, keep)
+                        xs.append(hfin[rr, rc])
+                    rids.append(rid)
+                x = torch.cat(xs)
+                logits = x.float() if (g is None and not s.fast) else head_logits(lm, x).float()
+            rid = torch.cat(rids)
+            if state["first"]:
+                h_init = site_init[bare_rows].clone()
+                state["first"] = False
             logp = torch.log_softmax(logits, -1)
-            n_nll = len(nll_r)
-            tok_lp = logp[:n_nll].gather(1, nll_lab_t[:, None])[:, 0]
-            row_nll = torch.zeros(n_rw, device=dev).index_add(0, nll_r_t, -tok_lp) / row_ntok
-            req_nll = torch.zeros(u, device=dev).index_add(0, owner_t[:n_rw], row_nll) / n_t
-            kl_lp = logp[n_nll:]
+            is_nll = rid < n_nll
+            nll_lp = logp[is_nll].gather(1, rd_lab_t[rid[is_nll]][:, None])[:, 0]
+            nll_rows = rd_row_t[rid[is_nll]]
+            row_nll = torch.zeros(n_rows, device=dev).index_add(0, nll_rows, -nll_lp) / row_ntok
+            req_nll = torch.zeros(u, device=dev).index_add(0, owner_t[:n_rw], row_nll[:n_rw]) / n_t
+            kl_lp = logp[~is_nll]
+            kl_idx = rid[~is_nll] - n_nll  # = request index (one KL row per request, in order)
             if kl_init is None:
-                kl_init = kl_lp.detach().clone()
+                kl_init = torch.zeros(u, kl_lp.shape[1], device=dev)
+                kl_init[kl_idx] = kl_lp.detach()
+            ki = kl_init[kl_idx]
             if s.kl_direction == "current_initial":
-                kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
+                kl_r = (kl_lp.exp() * (kl_lp - ki)).sum(-1)
             else:
-                kl = (kl_init.exp() * (kl_init - kl_lp)).sum(-1)
+                kl_r = (ki.exp() * (ki - kl_lp)).sum(-1)
+            kl = torch.zeros(u, device=dev).index_add(0, kl_idx, kl_r)
             decay = s.weight_decay * delta.norm(dim=1) / h_init.norm(dim=1).clamp(min=1e-8) ** 2
             loss = req_nll + s.kl_factor * kl + decay
-            lv = loss.detach().cpu()
+            lv = loss.detach()
             active = ~done
-            last_loss[active] = lv[active]
-            n_steps[active] = it
-            done |= lv < s.early_stop_loss
+            last_loss[active.cpu()] = lv[active].cpu()
+            n_steps[active.cpu()] = it
+            newly = active & (lv < s.early_stop_loss)
+            done |= newly
             if bool(done.all()) or it == s.steps - 1:
                 break
-            keep = delta.detach()[done.to(dev)].clone()
-            loss.sum().backward()
+            keep_d = delta.detach()[done].clone()
+            (loss * active).sum().backward()
             opt.step()
             with torch.no_grad():
                 if done.any():
-                    delta[done.to(dev)] = keep
+                    delta[done] = keep_d
                 max_norm = s.clamp_norm_factor * h_init.norm(dim=1)
                 nrm = delta.norm(dim=1)
                 scale = torch.where(nrm > max_norm, max_norm / nrm.clamp(min=1e-12), torch.ones_like(nrm))
                 delta.mul_(scale[:, None])
+            if bool(newly.any()):
+                metas = None
     finally:
         handle.remove()
     z = (h_init + delta.detach()).float().cpu()
