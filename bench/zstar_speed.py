@@ -4,14 +4,17 @@ The z* optimisation dominates locate-then-edit editing (MEMIT, AlphaEdit, NSE). 
 on the first N CounterFact-edit records of the embedded model with the MEMIT preset, three ways:
 
   straightforward  one request at a time, full forward every step, LM head at every position
-  optimised        requests batched, hidden states below the site reused, LM head only where read
-  optimised+bf16   the same under bf16 autocast
+  optimised        requests batched; per step only blocks from the site up, only on the columns from
+                   each row's subject onwards (the earlier columns' keys/values are cached), LM head only
+                   where the loss reads, requests leave the batch when they stop
+  optimised_bf16   the same under bf16 autocast (only worth it where the CPU has amx_bf16/avx512_bf16;
+                   the JSON records which of these the CPU has)
 
 and reports seconds per request, the matmul FLOPs actually executed (counted with torch's
 FlopCounterMode in a separate pass) and the achieved fraction of this machine's measured matmul
 throughput. It also checks that the paths agree (max relative difference of z*).
 
-    python bench/zstar_speed.py --n 8 --out bench/results/zstar_speed.json
+    python bench/zstar_speed.py --n 8 --out bench/results/zstar_speed.json [--paths straightforward,optimised]
 """
 
 from __future__ import annotations
@@ -36,13 +39,33 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bf16_flags() -> list[str]:
+    """The CPU's bf16 matrix/vector extensions (amx_bf16, avx512_bf16); empty: bf16 is emulated."""
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f in ("amx_bf16", "avx512_bf16", "amx_tile"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=8, help="requests")
     ap.add_argument("--batch", type=int, default=8, help="requests per batch in the optimised path")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="bench/results/zstar_speed.json")
-    ap.add_argument("--skip-straightforward", action="store_true")
+    ap.add_argument("--paths", default="straightforward,optimised,optimised_bf16",
+                    help="comma-separated subset of straightforward, optimised, optimised_bf16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -69,8 +92,11 @@ def main() -> None:
         "optimised": dataclasses.replace(base, batch=args.batch, fast=True, autocast="none"),
         "optimised_bf16": dataclasses.replace(base, batch=args.batch, fast=True, autocast="bf16"),
     }
-    if args.skip_straightforward:
-        paths.pop("straightforward")
+    want = args.paths.split(",")
+    unknown = set(want) - set(paths)
+    if unknown:
+        raise SystemExit(f"unknown paths: {sorted(unknown)}")
+    paths = {k: v for k, v in paths.items() if k in want}
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     res: dict = {}
     zs = {}
@@ -95,7 +121,7 @@ def main() -> None:
         "bench": "zstar_speed", "model": lm.name, "n_requests": len(reqs), "templates": len(templates),
         "settings": dataclasses.asdict(base), "threads": torch.get_num_threads(),
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "bf16_matmul_units": bf16_flags(),
                     "loadavg_at_end": os.getloadavg()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "results": res,

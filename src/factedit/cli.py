@@ -176,6 +176,39 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    from .fsutil import write_json
+    from .lm.load import load_lm
+    from .locate.trace import KINDS, Fact, trace
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise FactEditError(f"--kinds: unknown {bad or 'empty'} (choose from {', '.join(KINDS)})")
+    if args.limit < 1 or args.samples < 1 or args.window < 1:
+        raise FactEditError("--limit, --samples and --window must be at least 1")
+    _, cases = _load_cases(args.bench, args.data, args.limit, "answer")
+    facts = [Fact(c.request.prompt, c.request.subject, c.request.target_true if args.answer == "true" else None)
+             for c in cases]
+    lm = load_lm(args.model)
+    t0 = time.perf_counter()
+    res = trace(lm, facts, kinds, samples=args.samples, window=args.window, noise_factor=args.noise, seed=args.seed)
+    res.update({"model": lm.name, "fingerprint": lm.fingerprint, "bench": args.bench, "answer": args.answer,
+                "seconds": round(time.perf_counter() - t0, 1)})
+    m = res["mean"]
+    cols = [(k, pos) for pos in ("subject_last", "last") for k in kinds]
+    print(f"mean indirect effect (P_restored - P_corrupt) over {len(facts)} facts; "
+          f"P_clean {res['mean_p_clean']:.3f}, P_corrupt {res['mean_p_corrupt']:.3f}")
+    print(f"{'layer':>5} " + " ".join(f"{k + '@' + ('subj' if p == 'subject_last' else 'last'):>12}" for k, p in cols))
+    for l in range(res["num_layers"]):
+        print(f"{l:>5} " + " ".join(f"{m[k][p][l]:>12.4f}" for k, p in cols))
+    print(f"peak {res['peak_kind']} effect at the subject's last token: layer {res['peak_layer']}")
+    if args.out:
+        write_json(Path(args.out), res)
+        print(f"written: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="factedit", description="Knowledge editing for causal LMs")
     p.add_argument("--version", action="version", version=f"factedit {__version__}")
@@ -203,6 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nullspace", type=float, default=None, help="also report AlphaEdit's null space at this threshold")
     sp.add_argument("--nullspace-mode", default="relative", choices=["absolute", "relative"])
     sp.set_defaults(fn=cmd_stats)
+
+    sp = sub.add_parser("trace", help="causal tracing: which layers carry facts at the subject (layer choice)")
+    sp.add_argument("--model", default="smollm2-135m")
+    sp.add_argument("--bench", choices=["counterfact", "zsre"], default="counterfact")
+    sp.add_argument("--data", default=None, help="benchmark file (default: shared/data beside the checkout)")
+    sp.add_argument("--limit", type=int, default=50, help="first N records")
+    sp.add_argument("--kinds", default="hidden,mlp,attn", help="states to restore: hidden, mlp, attn")
+    sp.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
+    sp.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn (ROME: 10)")
+    sp.add_argument("--noise", type=float, default=3.0, help="noise std in units of the subject-embedding std")
+    sp.add_argument("--answer", choices=["model", "true"], default="model",
+                    help="trace the model's own next token or the record's true target")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", default=None, help="JSON file for the full traces")
+    sp.set_defaults(fn=cmd_trace)
 
     sp = sub.add_parser("methods", help="list editing methods")
     sp.set_defaults(fn=cmd_methods)
