@@ -5,6 +5,7 @@ import pytest
 from factedit.eval.metrics import aggregate, case_metrics
 from factedit.eval.scoring import ngram_entropy
 from factedit.fsutil import JsonlWriter, read_jsonl
+from tiny import tiny_lm
 
 
 def _x(p, acc=1.0, argmax=(1,)):
@@ -54,3 +55,17 @@ def test_jsonl_survives_a_torn_last_line(tmp_path):
     with JsonlWriter(f) as w:
         w.write({"index": 2})
     assert [r["index"] for r in read_jsonl(f)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_batched_sampling_matches_one_prompt_at_a_time(family):
+    from factedit.eval.scoring import sample, sample_batch
+
+    lm = tiny_lm(family)
+    prompts = ["The Eiffel Tower is in", "Paris", "Big Ben is located in the city of"]
+    for greedy in (True, False):
+        one = [sample(lm, p, max_length=14, top_k=5, seed=10 + k, greedy=greedy) for k, p in enumerate(prompts)]
+        many = sample_batch(lm, prompts, max_length=14, top_k=5, seeds=[10 + k for k in range(3)], greedy=greedy,
+                            batch_size=2)
+        assert many == one
+    assert sample_batch(lm, ["a b c d e f g h i j k l m n o p"], max_length=3) == [""]

@@ -29,7 +29,7 @@ from ..methods.base import Editor
 from ..patch.base import Patch
 from ..types import EvalCase
 from .metrics import aggregate, case_metrics, score_cases
-from .scoring import ngram_entropy, perplexity, sample
+from .scoring import ngram_entropy, perplexity, sample_batch
 
 log = logging.getLogger(__name__)
 MODES = ("single", "batch", "sequential")
@@ -123,8 +123,8 @@ class Runner:
             res["perplexity"] = round(perplexity(self.lm, self.general_text, self.cfg.ppl_tokens, self.cfg.ppl_window), 4)
         prompts = [p for c in self.cases[: self.cfg.fluency_cases] for p in c.generation_prompts]
         if prompts:
-            texts = [sample(self.lm, p, self.cfg.gen_length, self.cfg.gen_top_k, seed=self.cfg.seed + k)
-                     for k, p in enumerate(tqdm(prompts, desc=f"{phase} fluency", leave=False, disable=None))]
+            texts = sample_batch(self.lm, prompts, self.cfg.gen_length, self.cfg.gen_top_k,
+                                 seeds=[self.cfg.seed + k for k in range(len(prompts))])
             res["fluency"] = round(100 * mean(ngram_entropy(t) for t in texts), 2)
             res["samples"] = texts[:3]
         gen[phase] = res

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..lm.batch import batch_logits, make_batch
 from ..lm.load import LM
-from ..lm.tokens import encode
+from ..lm.tokens import encode, pad_batch
 
 
 @dataclass
@@ -102,6 +102,63 @@ def sample(lm: LM, prompt: str, max_length: int = 100, top_k: int = 5, seed: int
         new.append(nxt)
         x = torch.tensor([[nxt]], device=lm.device)
     return tok.decode(new, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def sample_batch(lm: LM, prompts: list[str], max_length: int = 100, top_k: int = 5, seeds: list[int] | None = None,
+                 greedy: bool = False, batch_size: int = 32) -> list[str]:
+    """``sample`` for many prompts at once: the same continuations (row i draws from its own generator
+    seeded ``seeds[i]``, one draw per step, as ``sample`` does), but each decoding step reads the
+    weights once for the whole batch instead of once per prompt (single-token decoding is
+    memory-bound). Prompts are right-padded: the prompt forward sees them exactly as scoring does
+    (module patches find the prompt ends from the prompt context); decoding continues each row at its
+    own position, its padding masked out."""
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError("one seed per prompt")
+    out: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        out.extend(_sample_chunk(lm, prompts[s : s + batch_size], max_length, top_k, seeds[s : s + batch_size], greedy))
+    return out
+
+
+def _sample_chunk(lm: LM, prompts, max_length, top_k, seeds, greedy) -> list[str]:
+    tok, dev = lm.tokenizer, lm.device
+    seqs = [encode(tok, p) for p in prompts]
+    n = torch.tensor([len(x) for x in seqs])
+    todo = [max(0, max_length - len(x)) for x in seqs]
+    steps = max(todo) if todo else 0
+    new: list[list[int]] = [[] for _ in prompts]
+    if steps == 0:
+        return ["" for _ in prompts]
+    gens = [torch.Generator().manual_seed(sd) for sd in seeds]
+    ids, mask = pad_batch(seqs, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    mask = mask.to(dev)
+    with lm.prompt_context(n):
+        o = lm.model(input_ids=ids.to(dev), attention_mask=mask, use_cache=True)
+    past = o.past_key_values
+    logits = o.logits[torch.arange(len(seqs)), (n - 1).to(dev)].float()  # (B, V)
+    for step in range(steps):
+        nxt = []
+        for b in range(len(seqs)):
+            if greedy:
+                t = int(logits[b].argmax())
+            else:
+                vals, idx = logits[b].topk(top_k)
+                t = int(idx[torch.multinomial(torch.softmax(vals, -1).cpu(), 1, generator=gens[b])])
+            if step < todo[b]:
+                new[b].append(t)
+            nxt.append(t)
+        if step == steps - 1:
+            break
+        mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype, device=dev)], 1)
+        pos = (n + step).to(dev)[:, None]
+        with lm.prompt_context(None):
+            o = lm.model(input_ids=torch.tensor(nxt, device=dev)[:, None], attention_mask=mask, position_ids=pos,
+                         past_key_values=past, use_cache=True)
+        past = o.past_key_values
+        logits = o.logits[:, -1].float()
+    return [tok.decode(x, skip_special_tokens=True) for x in new]
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")
