@@ -74,6 +74,8 @@ def cmd_eval(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise FactEditError("--limit must be at least 1")
     path, cases = _load_cases(args.bench, args.data, args.limit, args.zsre_target)
+    if args.pre_from and not (Path(args.pre_from) / "run.json").is_file():
+        raise FactEditError(f"--pre-from {args.pre_from}: not a run folder (no run.json)")
     text = _general_text(Path(args.data_dir) if args.data_dir else default_data_dir())
     lm = load_lm(args.model)
     editor = cls.create(lm, m_over)
@@ -81,7 +83,7 @@ def cmd_eval(args) -> int:
         editor.validate(lm, [c.request])
     runner = Runner(lm, editor, cases, bench=args.bench, mode=args.mode, out=Path(args.out),
                     edit_batch=args.batch_size, eval_cfg=ecfg, general_text=text, data=str(path),
-                    pre_only=args.pre_only)
+                    pre_only=args.pre_only, pre_from=Path(args.pre_from) if args.pre_from else None)
     summary = runner.run()
     print(table(summary))
     print(f"run folder: {args.out}")
@@ -282,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--zsre-target", default="answer", choices=["answer", "alt"],
                     help="MEND-format zsRE edit target: gold answer (MEMIT protocol) or alt (EasyEdit)")
     sp.add_argument("--pre-only", action="store_true", help="evaluate the unedited model only (no edits)")
+    sp.add_argument("--pre-from", default=None, metavar="RUN",
+                    help="reuse pre-edit records of the same cases from an earlier run folder (same model, bench, data)")
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_eval)
     return p

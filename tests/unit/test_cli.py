@@ -142,3 +142,32 @@ def test_methods_lists_locate_family(capsys):
     assert cli.main(["methods"]) == 0
     out = capsys.readouterr().out
     assert all(m in out for m in ("rome", "memit", "alphaedit", "nse"))
+
+
+def test_eval_reuses_pre_edit_records_from_an_earlier_run(tmp_path, tiny_folder, capsys):
+    recs = [{"case_id": i, "prompt": f"The Eiffel Tower {i} is in", "subject": f"Eiffel Tower {i}", "target_new": "Rome",
+             "ground_truth": "Paris", "rephrase_prompt": f"Eiffel Tower {i} is in", "locality_prompt": "Big Ben is in",
+             "locality_ground_truth": "London"} for i in range(3)]
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(recs))
+    base = ["eval", "--model", str(tiny_folder), "--bench", "counterfact", "--data", str(data),
+            "--set", "eval.fluency_cases=0", "--set", "eval.ppl_tokens=0", "--data-dir", str(tmp_path)]
+    assert cli.main(base + ["--method", "ft", "--pre-only", "--limit", "2", "--out", str(tmp_path / "pre")]) == 0
+    argv = base + ["--method", "ft", "--mode", "batch", "--set", "layer=1", "--set", "steps=2",
+                   "--out", str(tmp_path / "run"), "--pre-from", str(tmp_path / "pre")]
+    assert cli.main(argv) == 0
+    pre_a = {r["index"]: r["pre"] for r in map(json.loads, (tmp_path / "pre" / "pre.jsonl").read_text().splitlines())}
+    got = [json.loads(x) for x in (tmp_path / "run" / "pre.jsonl").read_text().splitlines()]
+    assert len(got) == 3 and all(r["request"]["subject"] == f"Eiffel Tower {r['case_id']}" for r in got)
+    for r in got:  # the two shared cases are copied as they were, the third is scored here
+        if r["index"] in pre_a:
+            assert r["pre"] == pre_a[r["index"]]
+    # another data file is refused, and a folder that is not a run before the model loads
+    other = tmp_path / "cf2.json"
+    other.write_text(json.dumps(recs))
+    bad = [a if a != str(data) else str(other) for a in argv]
+    bad[bad.index(str(tmp_path / "run"))] = str(tmp_path / "run2")
+    assert cli.main(bad) == 2
+    assert "another data" in capsys.readouterr().err
+    assert cli.main(argv[:-1] + [str(tmp_path / "nothing")]) == 2
+    assert "not a run folder" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def _add_time(out: Path, key: str, seconds: float) -> None:
 class Runner:
     def __init__(self, lm: LM, editor: Editor, cases: list[EvalCase], *, bench: str, mode: str, out: Path,
                  edit_batch: int = 100, eval_cfg: EvalConfig | None = None, general_text: str | None = None,
-                 data: str | None = None, pre_only: bool = False) -> None:
+                 data: str | None = None, pre_only: bool = False, pre_from: Path | None = None) -> None:
         if mode not in MODES:
             raise FactEditError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
         if not cases:
@@ -72,6 +72,7 @@ class Runner:
         self.cfg = eval_cfg or EvalConfig()
         self.general_text = general_text
         self.pre_only = pre_only
+        self.pre_from = Path(pre_from) if pre_from else None
         self.run_config = {
             "method": editor.name, "method_config": editor.config_dict(), "preset": editor.preset,
             "model": lm.name, "fingerprint": lm.fingerprint, "bench": bench, "data": data, "mode": mode,
@@ -98,8 +99,46 @@ class Runner:
     def _score(self, idx: list[int], desc: str) -> list[dict]:
         return score_cases(self.lm, [self.cases[i] for i in idx], self.bench, self.cfg.batch_size, desc=desc)
 
+    def _reused_pre(self) -> dict[int, dict]:
+        """Pre-edit records of the same cases from an earlier run folder (``pre_from``): the unedited
+        model's scores do not depend on the method, so runs on one benchmark can share them. The
+        folder must hold the same model (fingerprint), bench, data file and scoring settings; a
+        record is taken only where its index, case id and request match this run's."""
+        src = self.pre_from
+        try:
+            cfg = json.loads((src / "run.json").read_text())
+        except (OSError, ValueError):
+            raise FactEditError(f"--pre-from {src}: no readable run.json there") from None
+        for key in ("fingerprint", "bench", "data"):
+            if cfg.get(key) != self.run_config[key]:
+                raise FactEditError(f"--pre-from {src}: it was run with another {key} "
+                                    f"({cfg.get(key)!r}, this run: {self.run_config[key]!r})")
+        if cfg.get("eval", {}).get("batch_size") is None:
+            raise FactEditError(f"--pre-from {src}: run.json has no eval settings")
+        got = {}
+        for r in read_jsonl(src / "pre.jsonl"):
+            i = r.get("index")
+            if not isinstance(i, int) or not 0 <= i < len(self.cases) or r.get("case_id") != self.cases[i].case_id:
+                continue
+            if "request" in r:
+                if r["request"] != self.cases[i].request.to_dict():
+                    continue
+            elif self.bench != "counterfact":  # zsRE requests also depend on the chosen target
+                continue
+            got[i] = r["pre"]
+        log.info("pre-edit records reused from %s: %d of %d", src, len(got), len(self.cases))
+        return got
+
     def _pre(self) -> dict[int, dict]:
         done = {r["index"]: r["pre"] for r in read_jsonl(self.out / "pre.jsonl")}
+        if self.pre_from is not None:
+            reuse = {i: p for i, p in self._reused_pre().items() if i not in done}
+            if reuse:
+                with JsonlWriter(self.out / "pre.jsonl") as w:
+                    for i in sorted(reuse):
+                        w.write({"index": i, "case_id": self.cases[i].case_id,
+                                 "request": self.cases[i].request.to_dict(), "pre": reuse[i]})
+                done.update(reuse)
         todo = [i for i in range(len(self.cases)) if i not in done]
         chunk = 64
         with JsonlWriter(self.out / "pre.jsonl") as w:
@@ -108,7 +147,8 @@ class Runner:
                 idx = todo[s : s + chunk]
                 for i, rec in zip(idx, self._score(idx, desc=None)):
                     done[i] = rec
-                    w.write({"index": i, "case_id": self.cases[i].case_id, "pre": rec})
+                    w.write({"index": i, "case_id": self.cases[i].case_id,
+                             "request": self.cases[i].request.to_dict(), "pre": rec})
                 _add_time(self.out, "eval_s", time.perf_counter() - t0)
         return done
 
