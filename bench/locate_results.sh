@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 3 figures on SmolLM2-135M (run from the repo root after `make install`; one job at a time on a
-# 2-core CPU: concurrent jobs slow each other down far more than 2x).
+# 2-core CPU: concurrent jobs slow each other down far more than 2x). Every step resumes where it
+# stopped: re-run the script after an interruption.
 set -euo pipefail
 F=".venv/bin/factedit"; [ -x "$F" ] || F=factedit
 PY=".venv/bin/python"; [ -x "$PY" ] || PY=python
@@ -8,16 +9,21 @@ OUT=${OUT:-runs}
 N=${N:-1000}
 EV="--set eval.fluency_cases=10"
 $F -q stats --layers 3-8 --tokens 200000 --nullspace 0.02 --nullspace-mode absolute
-$PY bench/zstar_speed.py --n 4 --batch 4 --out bench/results/zstar_speed.json
+$F -q trace --limit 50 --out bench/results/trace-smollm2.json
+$PY bench/zstar_speed.py --n 4 --batch 4 --paths straightforward,optimised --out bench/results/zstar_speed.json
+# the unedited model's records, computed once and shared by every run below (--pre-from)
+$F -q eval --method memit --bench counterfact --limit $N --pre-only --out $OUT/pre-cf$N $EV
+$F -q eval --method memit --bench zsre --limit 100 --pre-only --out $OUT/pre-zsre100 $EV
 # sequential, rounds of 100, evaluated once at the end on all edited facts
 for m in alphaedit nse memit; do
-  $F -q eval --method $m --bench counterfact --limit $N --mode sequential --batch-size 100 --out $OUT/$m-seq$N $EV
+  $F -q eval --method $m --bench counterfact --limit $N --mode sequential --batch-size 100 --out $OUT/$m-seq$N \
+     --pre-from $OUT/pre-cf$N $EV --set z_batch=32
 done
 # batch, 100 facts at once
 for m in rome memit; do
-  $F -q eval --method $m --bench counterfact --limit 100 --mode batch --out $OUT/$m-cf100 $EV
+  $F -q eval --method $m --bench counterfact --limit 100 --mode batch --out $OUT/$m-cf100 --pre-from $OUT/pre-cf$N $EV
 done
 # zsRE token accuracy, 100 facts in one batch
 for m in rome memit alphaedit nse; do
-  $F -q eval --method $m --bench zsre --limit 100 --mode batch --out $OUT/$m-zsre100 $EV
+  $F -q eval --method $m --bench zsre --limit 100 --mode batch --out $OUT/$m-zsre100 --pre-from $OUT/pre-zsre100 $EV
 done

@@ -205,10 +205,12 @@ class ZSettings:
     autocast: str = "none"  # "none" or "bf16"
 
 
-def _split_columns(pos: list[int], lens: list[int], overhead: int = 48) -> list[list[int]]:
+def _split_columns(pos: list[int], lens: list[int], overhead: int = 200) -> list[list[int]]:
     """Partition rows into groups that share a split column P (the smallest subject position in the
     group): columns before P never depend on δ, so they run once; columns P..T-1 run every step.
-    Rows sorted by P, cut into contiguous groups minimising Σ rows·(T−P) + ``overhead`` per group."""
+    Rows sorted by P, cut into contiguous groups minimising Σ rows·(T−P) + ``overhead`` per group.
+    The overhead (in token-columns) prices one more, smaller forward: on SmolLM2-135M with 64 requests
+    a step took 0.240 / 0.223 / 0.235 s per request at 48 / 200 / 800."""
     order = sorted(range(len(pos)), key=lambda i: (pos[i], lens[i]))
     n = len(order)
     best = [0.0] + [float("inf")] * n
