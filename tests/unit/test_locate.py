@@ -184,13 +184,14 @@ def test_batched_z_equals_one_request_at_a_time(family):
     assert bool(((z - h0).norm(dim=1) <= 4.0 * h0.norm(dim=1) * (1 + 1e-4)).all())
 
 
-def test_split_columns_partition_rows_and_never_cut_after_a_subject():
-    pos = [3, 0, 7, 7, 2, 12, 5]
-    lens = [9, 4, 15, 14, 6, 20, 8]
-    groups = common._split_columns(pos, lens, overhead=4)
-    assert sorted(i for g in groups for i in g) == list(range(len(pos)))
+def test_rows_are_grouped_by_length():
+    sizes = [3, 9, 4, 15, 14, 6, 1, 8]
+    groups = common._group_by_length(sizes, overhead=4)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
     assert len(groups) > 1
-    assert common._split_columns(pos, lens, overhead=10_000) == [sorted(range(7), key=lambda i: (pos[i], lens[i]))]
+    flat = [sizes[i] for g in groups for i in g]
+    assert flat == sorted(sizes)  # contiguous runs of the sorted lengths
+    assert common._group_by_length(sizes, overhead=10_000) == [sorted(range(8), key=lambda i: sizes[i])]
 
 
 def test_requests_leaving_the_batch_at_different_steps_keep_their_results():

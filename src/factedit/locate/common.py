@@ -205,21 +205,19 @@ class ZSettings:
     autocast: str = "none"  # "none" or "bf16"
 
 
-def _split_columns(pos: list[int], lens: list[int], overhead: int = 200) -> list[list[int]]:
-    """Partition rows into groups that share a split column P (the smallest subject position in the
-    group): columns before P never depend on δ, so they run once; columns P..T-1 run every step.
-    Rows sorted by P, cut into contiguous groups minimising Σ rows·(T−P) + ``overhead`` per group.
-    The overhead (in token-columns) prices one more, smaller forward: on SmolLM2-135M with 64 requests
-    a step took 0.240 / 0.223 / 0.235 s per request at 48 / 200 / 800."""
-    order = sorted(range(len(pos)), key=lambda i: (pos[i], lens[i]))
+def _group_by_length(lengths: list[int], overhead: int = 200) -> list[list[int]]:
+    """Partition rows into batches: sorted by length, cut into contiguous groups minimising
+    Σ rows·(longest in group) + ``overhead`` per group (padding against the cost of one more, smaller
+    forward). The overhead is in token-columns; 200 was the best of 48 / 200 / 800 measured on
+    SmolLM2-135M with the earlier per-group split (0.240 / 0.223 / 0.235 s per request-step)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n = len(order)
     best = [0.0] + [float("inf")] * n
     back = [0] * (n + 1)
     for j in range(1, n + 1):
-        t = 0
+        longest = lengths[order[j - 1]]
         for i in range(j, 0, -1):  # the group order[i-1 : j]
-            t = max(t, lens[order[i - 1]])
-            c = best[i - 1] + (j - i + 1) * (t - pos[order[i - 1]]) + overhead
+            c = best[i - 1] + (j - i + 1) * longest + overhead
             if c < best[j]:
                 best[j], back[j] = c, i - 1
     groups, j = [], n
@@ -231,11 +229,16 @@ def _split_columns(pos: list[int], lens: list[int], overhead: int = 200) -> list
 
 @dataclass
 class _Group:
+    """Rows run together. Row i recomputes its columns P_i.. (P_i: its subject's last token); the
+    keys/values of its columns < P_i are cached, right-aligned in a prefix of max P_i slots (the
+    empty slots masked out)."""
+
     rows: torch.Tensor  # global row indices (B,)
-    P: int  # first column recomputed every step
-    h: torch.Tensor  # (B, T-P, d) inputs of the start block at columns P..T-1
-    kv: list  # per layer (keys, values) of columns < P, batch B
-    mask: torch.Tensor  # (B, T)
+    P: torch.Tensor  # (B,) first recomputed column of each row
+    h: torch.Tensor  # (B, S, d) start-block inputs at columns P_i.., right-padded
+    kv: list  # per layer (keys, values) (B, heads, max P, head dim); empty when max P is 0
+    mask: torch.Tensor  # (B, max P + S): cached slots then recomputed columns
+    pos_ids: torch.Tensor  # (B, S) position ids P_i + j
 
 
 class _Upper:
@@ -243,8 +246,9 @@ class _Upper:
 
     Below the site block nothing depends on δ, and neither does any column before the subject's last
     token (the model is causal). So the start block's inputs and the keys/values of the earlier columns
-    are computed once; each step runs only blocks ``start..`` on columns ``P..`` (P per group of rows,
-    see ``_split_columns``). The first use per model and start block is checked against the full
+    are computed once; each step runs only blocks ``start..`` on each row's columns from its subject
+    on (rows batched by that length, ``_group_by_length``; the cached keys/values right-aligned, the
+    empty slots masked, position ids per row). The first use per model and start block is checked against the full
     forward; families whose forward cannot start mid-stack (GPT-2 adds position embeddings to
     ``inputs_embeds``) fall back to the full forward."""
 
@@ -280,9 +284,11 @@ class _Upper:
         out = []
         for g in groups:
             idx = torch.tensor(g)
-            P = int(rows.pos[idx].min())
             T = max(lens[i] for i in g)
             ids, mask = rows.input_ids[idx, :T].to(dev), rows.attention_mask[idx, :T].to(dev)
+            P = rows.pos[idx].to(dev)
+            S = torch.tensor([lens[i] for i in g], device=dev) - P
+            pm, sm = int(P.max()), int(S.max())
             got = {}
 
             def pre(_m, args, kwargs):
@@ -290,24 +296,35 @@ class _Upper:
 
             h = blk.register_forward_pre_hook(pre, with_kwargs=True)
             with _hooks([h]):
-                res = self.base(input_ids=ids, attention_mask=mask, use_cache=P > 0)
+                res = self.base(input_ids=ids, attention_mask=mask, use_cache=pm > 0)
+            x = got["x"].detach()
+            j = torch.arange(sm, device=dev)[None]
+            col = (P[:, None] + j).clamp(max=T - 1)  # (B, S)
+            hs = x.gather(1, col[..., None].expand(-1, -1, x.shape[-1]))
+            smask = j < S[:, None]
             kv = []
-            if P > 0:
+            pmask = torch.zeros(len(g), 0, dtype=torch.bool, device=dev)
+            if pm > 0:
+                src = torch.arange(pm, device=dev)[None] - (pm - P[:, None])  # (B, max P): source column
+                pmask = src >= 0
+                src = src.clamp(min=0)
                 for layer in res.past_key_values.layers:
-                    kv.append((layer.keys[:, :, :P].detach(), layer.values[:, :, :P].detach()))
-            out.append(_Group(idx.to(dev), P, got["x"][:, P:].detach(), kv, mask))
+                    k, v = layer.keys.detach(), layer.values.detach()
+                    ix = src[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+                    keep = pmask[:, None, :, None].to(k.dtype)
+                    kv.append((k.gather(2, ix) * keep, v.gather(2, ix) * keep))
+            out.append(_Group(idx.to(dev), P, hs, kv, torch.cat([pmask, smask], 1).long(), P[:, None] + j))
         return out
 
     def run(self, g: _Group, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm output (B, T-P, d) at columns P.. of the group's rows (``keep``: a subset)."""
+        """Final-norm output (B, S, d) at each row's columns P_i.. (``keep``: a subset of the rows)."""
         from transformers import DynamicCache
 
-        h, mask, kv = g.h, g.mask, g.kv
+        h, mask, kv, pos_ids = g.h, g.mask, g.kv, g.pos_ids
         if keep is not None:
-            h, mask, kv = h[keep], mask[keep], [(k[keep], v[keep]) for k, v in kv]
-        B, T = mask.shape
-        pos_ids = torch.arange(g.P, T, device=h.device)[None].expand(B, -1)
-        cache = DynamicCache(ddp_cache_data=kv, config=self.lm.model.config) if g.P > 0 else None
+            h, mask, pos_ids = h[keep], mask[keep], pos_ids[keep]
+            kv = [(k[keep], v[keep]) for k, v in kv]
+        cache = DynamicCache(ddp_cache_data=kv, config=self.lm.model.config) if kv else None
         with self.truncated():
             return self.base(inputs_embeds=h, attention_mask=mask, position_ids=pos_ids, past_key_values=cache,
                              use_cache=cache is not None).last_hidden_state
@@ -319,12 +336,14 @@ class _Upper:
             dev = self.lm.device
             ref = self.full(rows.input_ids.to(dev), rows.attention_mask.to(dev))
             try:
-                groups = self.prepare(rows, lens, _split_columns(rows.pos.tolist(), lens))
+                sizes = [n - int(p) for n, p in zip(lens, rows.pos.tolist())]
                 err = 0.0
-                for g in groups:
+                for g in self.prepare(rows, lens, _group_by_length(sizes)):
                     alt = self.run(g)
-                    r = ref[g.rows, g.P : g.mask.shape[1]]
-                    m = g.mask[:, g.P :].bool()
+                    S = alt.shape[1]
+                    m = g.mask[:, -S:].bool()
+                    col = g.pos_ids.clamp(max=ref.shape[1] - 1)
+                    r = ref[g.rows].gather(1, col[..., None].expand(-1, -1, ref.shape[-1]))
                     err = max(err, float((r - alt)[m].abs().max() / r[m].abs().max().clamp(min=1e-6)))
                 ok = err < 1e-4
             except Exception as e:  # noqa: BLE001 - any failure means "use the full forward"
@@ -418,23 +437,23 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
     upper = _Upper(lm, layer)
     split = s.fast and upper.usable(rows, lens)
     if split:
-        groups = upper.prepare(rows, lens, _split_columns(subj_pos, lens))
+        groups = upper.prepare(rows, lens, _group_by_length([n - p for n, p in zip(lens, subj_pos)]))
     else:
         groups = [None]
 
     def call_meta(g, act_req: torch.Tensor):
         """(keep, rows, δ columns, read ids, read (row-in-call, col-in-call)) for the active rows."""
         g_rows = torch.arange(n_rows, device=dev) if g is None else g.rows
-        off = 0 if g is None else g.P
+        off = torch.zeros(n_rows, dtype=torch.long, device=dev) if g is None else g.P
         keep = act_req[owner_t[g_rows]]
-        rws = g_rows[keep]
+        rws, offs = g_rows[keep], off[keep]
         rid, rr, rc = [], [], []
-        for k, row in enumerate(rws.tolist()):
+        for k, (row, o) in enumerate(zip(rws.tolist(), offs.tolist())):
             for r_i in reads_of_row[row]:
                 rid.append(r_i)
                 rr.append(k)
-                rc.append(rd_col[r_i] - off)
-        return (None if bool(keep.all()) else keep.nonzero()[:, 0], rws, pos_t[rws] - off,
+                rc.append(rd_col[r_i] - o)
+        return (None if bool(keep.all()) else keep.nonzero()[:, 0], rws, pos_t[rws] - offs,
                 torch.tensor(rid, device=dev, dtype=torch.long), torch.tensor(rr, device=dev, dtype=torch.long),
                 torch.tensor(rc, device=dev, dtype=torch.long))
 
