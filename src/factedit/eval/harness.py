@@ -102,8 +102,8 @@ class Runner:
     def _reused_pre(self) -> dict[int, dict]:
         """Pre-edit records of the same cases from an earlier run folder (``pre_from``): the unedited
         model's scores do not depend on the method, so runs on one benchmark can share them. The
-        folder must hold the same model (fingerprint), bench, data file and scoring settings; a
-        record is taken only where its index, case id and request match this run's."""
+        folder must hold a run (run.json with eval settings) of the same model (fingerprint), bench
+        and data file; a record is taken only where its index, case id and request match this run's."""
         src = self.pre_from
         try:
             cfg = json.loads((src / "run.json").read_text())

@@ -73,6 +73,14 @@ def perplexity(lm: LM, text: str, max_tokens: int = 16384, window: int = 512) ->
     return math.exp(nll / count)
 
 
+def _draw(logits: torch.Tensor, top_k: int, gen: torch.Generator, greedy: bool) -> int:
+    """The next token from one position's logits (V,): argmax, or one top-k draw from ``gen``."""
+    if greedy:
+        return int(logits.argmax())
+    vals, idx = logits.topk(top_k)
+    return int(idx[torch.multinomial(torch.softmax(vals, -1).cpu(), 1, generator=gen)])
+
+
 @torch.no_grad()
 def sample(lm: LM, prompt: str, max_length: int = 100, top_k: int = 5, seed: int = 0, greedy: bool = False,
            stop_at_eos: bool = False) -> str:
@@ -90,13 +98,7 @@ def sample(lm: LM, prompt: str, max_length: int = 100, top_k: int = 5, seed: int
         with lm.prompt_context(ctx):
             out = lm.model(input_ids=x, past_key_values=past, use_cache=True)
         past = out.past_key_values
-        logits = out.logits[0, -1].float()  # (V,)
-        if greedy:
-            nxt = int(logits.argmax())
-        else:
-            vals, idx = logits.topk(top_k)
-            probs = torch.softmax(vals, -1).cpu()
-            nxt = int(idx[torch.multinomial(probs, 1, generator=gen)])
+        nxt = _draw(out.logits[0, -1].float(), top_k, gen, greedy)
         if stop_at_eos and nxt == tok.eos_token_id:
             break
         new.append(nxt)
@@ -141,11 +143,7 @@ def _sample_chunk(lm: LM, prompts, max_length, top_k, seeds, greedy) -> list[str
     for step in range(steps):
         nxt = []
         for b in range(len(seqs)):
-            if greedy:
-                t = int(logits[b].argmax())
-            else:
-                vals, idx = logits[b].topk(top_k)
-                t = int(idx[torch.multinomial(torch.softmax(vals, -1).cpu(), 1, generator=gens[b])])
+            t = _draw(logits[b], top_k, gens[b], greedy)
             if step < todo[b]:
                 new[b].append(t)
             nxt.append(t)

@@ -277,8 +277,6 @@ class _Upper:
 
     @torch.no_grad()
     def prepare(self, rows: Rows, lens: list[int], groups: list[list[int]]) -> list[_Group]:
-        from transformers import DynamicCache  # noqa: F401 - imported here so a missing class fails early
-
         dev = self.lm.device
         blk = self.lm.model.get_submodule(self.lm.arch.block_path(self.start))
         out = []
@@ -330,29 +328,35 @@ class _Upper:
                              use_cache=cache is not None).last_hidden_state
 
     @torch.no_grad()
-    def usable(self, rows: Rows, lens: list[int]) -> bool:
+    def split(self, rows: Rows, lens: list[int]) -> list[_Group] | None:
+        """The prepared groups of rows, or None where this model cannot start mid-stack (checked
+        against the full forward on the first use per model and start block)."""
         known = _Upper._ok.setdefault(self.lm.model, {})
-        if self.start not in known:
-            dev = self.lm.device
-            ref = self.full(rows.input_ids.to(dev), rows.attention_mask.to(dev))
-            try:
-                sizes = [n - int(p) for n, p in zip(lens, rows.pos.tolist())]
+        if known.get(self.start) is False:
+            return None
+        sizes = [n - int(p) for n, p in zip(lens, rows.pos.tolist())]
+        try:
+            groups = self.prepare(rows, lens, _group_by_length(sizes))
+            if self.start not in known:
+                dev = self.lm.device
+                ref = self.full(rows.input_ids.to(dev), rows.attention_mask.to(dev))
                 err = 0.0
-                for g in self.prepare(rows, lens, _group_by_length(sizes)):
+                for g in groups:
                     alt = self.run(g)
-                    S = alt.shape[1]
-                    m = g.mask[:, -S:].bool()
+                    m = g.mask[:, -alt.shape[1]:].bool()
                     col = g.pos_ids.clamp(max=ref.shape[1] - 1)
                     r = ref[g.rows].gather(1, col[..., None].expand(-1, -1, ref.shape[-1]))
                     err = max(err, float((r - alt)[m].abs().max() / r[m].abs().max().clamp(min=1e-6)))
-                ok = err < 1e-4
-            except Exception as e:  # noqa: BLE001 - any failure means "use the full forward"
-                err, ok = str(e), False
-            if not ok:
-                log.info("z*: %s cannot start its forward at block %d (%s); using the full forward",
-                         self.lm.model.config.model_type, self.start, err)
-            known[self.start] = ok
-        return known[self.start]
+                known[self.start] = err < 1e-4
+        except Exception as e:  # noqa: BLE001 - any failure means "use the full forward"
+            if self.start in known:
+                raise  # the check passed on this model before: a failure now is a real error
+            err, known[self.start] = str(e), False
+        if not known[self.start]:
+            log.info("z*: %s cannot start its forward at block %d (%s); using the full forward",
+                     self.lm.model.config.model_type, self.start, err)
+            return None
+        return groups
 
 
 def compute_z(lm: LM, requests: Sequence[EditRequest], templates: list[str], site_path: str,
@@ -425,7 +429,7 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
         rd_row.append(i)
         rd_col.append(subj_pos[i])
         rd_lab.append(-1)
-    rd_row_t, rd_col_t = torch.tensor(rd_row, device=dev), torch.tensor(rd_col, device=dev)
+    rd_row_t = torch.tensor(rd_row, device=dev)
     rd_lab_t = torch.tensor(rd_lab, device=dev)
     row_ntok = torch.tensor(t_lens + [1] * (n_rows - n_rw), device=dev, dtype=torch.float32)
     reads_of_row: list[list[int]] = [[] for _ in range(n_rows)]
@@ -433,13 +437,9 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
         reads_of_row[row].append(r_i)
 
     # One "call" per forward: the rows it runs, their δ-column inside its output, the reads it serves.
-    layer = _block_index(lm, site_path)
-    upper = _Upper(lm, layer)
-    split = s.fast and upper.usable(rows, lens)
-    if split:
-        groups = upper.prepare(rows, lens, _group_by_length([n - p for n, p in zip(lens, subj_pos)]))
-    else:
-        groups = [None]
+    upper = _Upper(lm, _block_index(lm, site_path))
+    straight = not s.fast  # the straightforward path: full forward, logits everywhere, then pick
+    groups = (None if straight else upper.split(rows, lens)) or [None]  # [None]: one full-forward call
 
     def call_meta(g, act_req: torch.Tensor):
         """(keep, rows, δ columns, read ids, read (row-in-call, col-in-call)) for the active rows."""
@@ -496,7 +496,7 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
             with ac():
                 for g, (keep, rws, cols, rid, rr, rc) in metas:
                     state["rows"], state["cols"] = rws, cols
-                    if g is None and not s.fast:  # the straightforward path: logits everywhere, then pick
+                    if straight:
                         full = lm.model(input_ids=rows.input_ids[rws.cpu()].to(dev),
                                         attention_mask=rows.attention_mask[rws.cpu()].to(dev), use_cache=False).logits
                         xs.append(full[rr, rc])
@@ -506,7 +506,7 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
                         xs.append(hfin[rr, rc])
                     rids.append(rid)
                 x = torch.cat(xs)
-                logits = x.float() if (g is None and not s.fast) else head_logits(lm, x).float()
+                logits = x.float() if straight else head_logits(lm, x).float()
             rid = torch.cat(rids)
             if state["first"]:
                 h_init = site_init[bare_rows].clone()

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..errors import FactEditError
 from ..lm.load import LM
 from ..lm.tokens import encode, encode_target, subject_last_index
+from .common import _first
 
 log = logging.getLogger(__name__)
 KINDS = ("hidden", "mlp", "attn")
@@ -37,10 +38,6 @@ class Fact:
     prompt: str
     subject: str
     answer: str | None = None  # None: the model's own greedy next token
-
-
-def _first(x):
-    return x[0] if isinstance(x, tuple) else x
 
 
 def _subject_span(lm: LM, prompt: str, subject: str) -> tuple[int, int]:
@@ -65,7 +62,7 @@ def embedding_std(lm: LM, facts: Sequence[Fact]) -> float:
     return float(torch.cat(vals).std())
 
 
-def _module_paths(lm: LM, kind: str, layer: int) -> str:
+def _module_path(lm: LM, kind: str, layer: int) -> str:
     if kind == "hidden":
         return lm.arch.block_path(layer)
     if kind == "mlp":
@@ -87,7 +84,7 @@ def trace_fact(lm: LM, fact: Fact, noise: float, kinds: Sequence[str] = KINDS, s
     n_layers = lm.n_layers
     x = torch.tensor([ids], device=dev)
     # clean run: every module output we may restore, at every position
-    names = {(k, l): _module_paths(lm, k, l) for k in kinds for l in range(n_layers)}
+    names = {(k, l): _module_path(lm, k, l) for k in kinds for l in range(n_layers)}
     clean: dict = {}
     hs = [model.get_submodule(p).register_forward_hook(lambda _m, _a, o, key=key: clean.__setitem__(key, _first(o)[0]))
           for key, p in names.items()]
