@@ -28,6 +28,18 @@ def scores(lm, cases):
     return {k: m[k] for k in ("efficacy", "generalization", "specificity")}
 
 
+def z_summary(patch, stop: float):
+    """Mean z* steps / final loss / ‖δ‖÷‖h‖ and the phase timings of a locate-family patch (else {})."""
+    z = patch.meta.get("z") if hasattr(patch, "meta") else None
+    out = {"phase_s": patch.meta["phase_s"]} if hasattr(patch, "meta") and "phase_s" in patch.meta else {}
+    if z:
+        n = len(z)
+        out["z"] = {"steps": round(sum(i["steps"] + 1 for i in z) / n, 2), "loss": round(sum(i["loss"] for i in z) / n, 4),
+                    "delta_ratio": round(sum(i["delta_norm"] / max(i["init_norm"], 1e-8) for i in z) / n, 3),
+                    "stopped": round(sum(i["loss"] < stop for i in z) / n, 3)}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("method")
@@ -49,7 +61,7 @@ def main():
         with p.apply(lm):
             post = scores(lm, cases)
         rec = {"method": args.method, "overrides": ov, "n": args.n, "pre": pre, "post": post,
-               "s_per_fact": round(dt / args.n, 2), "threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
+               "s_per_fact": round(dt / args.n, 2), **z_summary(p, getattr(ed.config, "early_stop_loss", 0.0)), "threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
                "torch": torch.__version__, "machine": platform.machine()}
         print(json.dumps(rec), flush=True)
         if args.out:

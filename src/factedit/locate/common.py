@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -437,9 +438,11 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
         reads_of_row[row].append(r_i)
 
     # One "call" per forward: the rows it runs, their δ-column inside its output, the reads it serves.
+    t0 = time.perf_counter()
     upper = _Upper(lm, _block_index(lm, site_path))
     straight = not s.fast  # the straightforward path: full forward, logits everywhere, then pick
     groups = (None if straight else upper.split(rows, lens)) or [None]  # [None]: one full-forward call
+    t_prep = time.perf_counter() - t0
 
     def call_meta(g, act_req: torch.Tensor):
         """(keep, rows, δ columns, read ids, read (row-in-call, col-in-call)) for the active rows."""
@@ -553,6 +556,8 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
     finally:
         handle.remove()
     z = (h_init + delta.detach()).float().cpu()
+    log.info("z*: %d requests, %d rows in %d groups: prepare %.1f s, %d steps %.1f s (%d request-steps)", u, n_rows,
+             len(groups), t_prep, it + 1, time.perf_counter() - t0 - t_prep, int(n_steps.sum()) + u)
     infos = []
     for j, r in enumerate(requests):
         infos.append({"case": r.label, "loss": round(float(last_loss[j]), 4), "steps": int(n_steps[j]),

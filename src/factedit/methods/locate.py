@@ -19,8 +19,10 @@ templates, NSE's original weights — advances only in ``commit`` and is saved w
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -141,8 +143,24 @@ class LocateEditor(Editor):
                            requests=list(requests), meta=meta, deltas=deltas)
 
     def _compute(self, lm: LM, requests: list[EditRequest]) -> WeightPatch:
+        self._phase_s: dict[str, float] = {}
         with common.restored(lm, [self._weight(lm, l)[0] for l in self.edit_layers()]), torch.no_grad():
-            return self._edit(lm, requests)
+            patch = self._edit(lm, requests)
+        patch.meta["phase_s"] = {k: round(v, 2) for k, v in self._phase_s.items()}
+        log.info("%s: %d requests: %s", self.name, len(requests),
+                 ", ".join(f"{k} {v:.1f} s" for k, v in self._phase_s.items()))
+        return patch
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Accumulates the wall time of a phase of ``compute`` (saved in the patch's meta, logged)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            ph = getattr(self, "_phase_s", None)
+            if ph is not None:
+                ph[name] = ph.get(name, 0.0) + time.perf_counter() - t0
 
     @staticmethod
     def warn_known(lm: LM, requests) -> None:
@@ -225,26 +243,38 @@ class MEMITEditor(LocateEditor):
         Y = _solve(A, Kd, f"{self.name} layer {layer}")  # d0 × u
         return R.double().T, Y  # Δ = Rᵀ Yᵀ: (d1 × u)(u × d0)
 
-    def _spread(self, lm: LM, requests, zs: torch.Tensor, factors: dict) -> None:
-        """MEMIT §0.4: for each layer ascending, residual (z* − h_L)/(layers left), solve, apply."""
+    def _spread(self, lm: LM, requests, zs: torch.Tensor, factors: dict) -> dict[int, torch.Tensor]:
+        """MEMIT §0.4: for each layer ascending, residual (z* − h_L)/(layers left), solve, apply.
+
+        Returns the keys used per layer. A layer's keys (its out-projection's input) depend only on the
+        layers below it, all already edited when they are read, so they are also the keys of the fully
+        edited model: what C_p accumulates on commit."""
         layers = self.edit_layers()
+        keys = {}
         zl = lm.arch.block_path(self.loss_layer_z(lm))
         for i, l in enumerate(layers):
-            K = common.compute_keys(lm, requests, self._templates(lm), [l], self.config.key_average)[l]
-            cur = common.site_values(lm, requests, zl)
+            with self._phase("keys"):
+                K = common.compute_keys(lm, requests, self._templates(lm), [l], self.config.key_average)[l]
+                cur = common.site_values(lm, requests, zl)
             R = (zs - cur) / (len(layers) - i)
-            U, V = self._layer_update(lm, l, K, R)
-            self._add(lm, l, U, V)
+            with self._phase("solve"):
+                U, V = self._layer_update(lm, l, K, R)
+                self._add(lm, l, U, V)
             factors.setdefault(l, []).append((U, V))
+            keys[l] = K
+        return keys
 
     def _edit(self, lm: LM, requests: list[EditRequest]) -> WeightPatch:
-        self.stats(lm, self.edit_layers())  # fail early on statistics problems, before the z* loop
-        self.warn_known(lm, requests)
-        zs, infos = self._z(lm, requests)
+        with self._phase("stats"):
+            self.stats(lm, self.edit_layers())  # fail early on statistics problems, before the z* loop
+        with self._phase("check"):
+            self.warn_known(lm, requests)
+        with self._phase("z*"):
+            zs, infos = self._z(lm, requests)
         factors: dict = {}
-        self._spread(lm, requests, zs, factors)
+        keys = self._spread(lm, requests, zs, factors)
         patch = self._patch(lm, requests, factors, {"z": infos})
-        patch.pending_keys = self._post_keys(lm, requests) if self.accumulates else None
+        patch.pending_keys = keys if self.accumulates else None
         return patch
 
 
@@ -326,9 +356,12 @@ class NSEEditor(MEMITEditor):
         c = self.config
         if not self.originals:
             self._pending_originals = {l: self._weight(lm, l)[1].detach().clone() for l in self.edit_layers()}
-        self.stats(lm, self.edit_layers())
-        self.warn_known(lm, requests)
-        zs, infos = self._z(lm, requests)
+        with self._phase("stats"):
+            self.stats(lm, self.edit_layers())
+        with self._phase("check"):
+            self.warn_known(lm, requests)
+        with self._phase("z*"):
+            zs, infos = self._z(lm, requests)
         factors: dict = {}
         zl = lm.arch.block_path(self.loss_layer_z(lm))
         passes = []
@@ -343,7 +376,8 @@ class NSEEditor(MEMITEditor):
             self._spread(lm, [requests[i] for i in sel], zs[sel], factors)
             passes[-1]["neurons"] = dict(self._last_neurons)  # neurons updated per layer in this pass
         patch = self._patch(lm, requests, factors, {"z": infos, "passes": passes})
-        patch.pending_keys = self._post_keys(lm, requests)
+        with self._phase("post keys"):
+            patch.pending_keys = self._post_keys(lm, requests)
         return patch
 
     def commit(self, patch) -> None:
