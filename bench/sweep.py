@@ -18,14 +18,20 @@ from pathlib import Path
 import torch
 
 from factedit import get_editor
+from factedit.cli import _general_text
 from factedit.data import default_bench_file, load_counterfact
+from factedit.data.paths import default_data_dir
 from factedit.eval.metrics import aggregate, score_cases
+from factedit.eval.scoring import perplexity
 from factedit.lm.load import load_lm
 
 
-def scores(lm, cases):
+def scores(lm, cases, text=None, ppl_tokens=0):
     m = aggregate([{k: v for k, v in r.items() if k != "raw"} for r in score_cases(lm, cases, "counterfact")])
-    return {k: m[k] for k in ("efficacy", "generalization", "specificity")}
+    out = {k: m[k] for k in ("efficacy", "generalization", "specificity")}
+    if ppl_tokens and text:
+        out["perplexity"] = round(perplexity(lm, text, ppl_tokens), 4)  # WikiText-2 test
+    return out
 
 
 def z_summary(patch, stop: float):
@@ -45,12 +51,14 @@ def main():
     ap.add_argument("method")
     ap.add_argument("grid", help="JSON object: key -> list of values")
     ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--ppl-tokens", type=int, default=0, help="also WikiText-2 test perplexity on this many tokens")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     lm = load_lm()
     cases = load_counterfact(default_bench_file("counterfact"), args.n)
     grid = json.loads(args.grid)
-    pre = scores(lm, cases)
+    text = _general_text(default_data_dir()) if args.ppl_tokens else None
+    pre = scores(lm, cases, text, args.ppl_tokens)
     print("pre", pre, flush=True)
     for vals in itertools.product(*grid.values()):
         ov = dict(zip(grid, vals))
@@ -59,7 +67,7 @@ def main():
         p = ed.compute(lm, [c.request for c in cases])
         dt = time.time() - t
         with p.apply(lm):
-            post = scores(lm, cases)
+            post = scores(lm, cases, text, args.ppl_tokens)
         rec = {"method": args.method, "overrides": ov, "n": args.n, "pre": pre, "post": post,
                "s_per_fact": round(dt / args.n, 2), **z_summary(p, getattr(ed.config, "early_stop_loss", 0.0)), "threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
                "torch": torch.__version__, "machine": platform.machine()}

@@ -256,6 +256,8 @@ def test_memit_one_layer_small_lambda_reaches_z(corpus):
         h1 = common.site_values(lm, REQ, site)
     # the keys at the bare prompt differ from the template-averaged keys, so only most of the way
     assert float((h1 - z).norm()) < 0.35 * float((h0 - z).norm())
+    # the phases of compute are timed and saved with the patch
+    assert {"z*", "keys", "solve"} <= set(patch.meta["phase_s"]) and all(v >= 0 for v in patch.meta["phase_s"].values())
 
 
 def test_alphaedit_update_lies_in_the_null_space(corpus):

@@ -479,7 +479,7 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
         return (o2,) + tuple(out[1:]) if isinstance(out, tuple) else o2
 
     kl_init = None
-    h_init = None
+    h_init = known = None
     done = torch.zeros(u, dtype=torch.bool, device=dev)
     last_loss = torch.zeros(u)
     n_steps = torch.zeros(u, dtype=torch.long)
@@ -511,13 +511,16 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
                 x = torch.cat(xs)
                 logits = x.float() if straight else head_logits(lm, x).float()
             rid = torch.cat(rids)
-            if state["first"]:
-                h_init = site_init[bare_rows].clone()
-                state["first"] = False
             logp = torch.log_softmax(logits, -1)
             is_nll = rid < n_nll
             nll_lp = logp[is_nll].gather(1, rd_lab_t[rid[is_nll]][:, None])[:, 0]
             nll_rows = rd_row_t[rid[is_nll]]
+            if state["first"]:
+                h_init = site_init[bare_rows].clone()
+                state["first"] = False
+                # δ = 0: is the target already the greedy continuation of the bare prompt (row "{}")?
+                miss = (logits[is_nll].argmax(-1) != rd_lab_t[rid[is_nll]]).float()
+                known = torch.zeros(n_rows, device=dev).index_add(0, nll_rows, miss)[bare_rows] == 0
             row_nll = torch.zeros(n_rows, device=dev).index_add(0, nll_rows, -nll_lp) / row_ntok
             req_nll = torch.zeros(u, device=dev).index_add(0, owner_t[:n_rw], row_nll[:n_rw]) / n_t
             kl_lp = logp[~is_nll]
@@ -560,7 +563,7 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
              len(groups), t_prep, it + 1, time.perf_counter() - t0 - t_prep, int(n_steps.sum()) + u)
     infos = []
     for j, r in enumerate(requests):
-        infos.append({"case": r.label, "loss": round(float(last_loss[j]), 4), "steps": int(n_steps[j]),
+        infos.append({"case": r.label, "known": bool(known[j]), "loss": round(float(last_loss[j]), 4), "steps": int(n_steps[j]),
                       "init_norm": round(float(h_init[j].norm()), 3),
                       "delta_norm": round(float(delta.detach()[j].norm()), 3)})
     return z, infos

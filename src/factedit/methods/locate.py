@@ -163,19 +163,13 @@ class LocateEditor(Editor):
                 ph[name] = ph.get(name, 0.0) + time.perf_counter() - t0
 
     @staticmethod
-    def warn_known(lm: LM, requests) -> None:
-        """Warn about requests whose target is already the model's greedy answer (their edit is ~0)."""
-        from ..lm.batch import batch_logits, make_batch
-
-        for s in range(0, len(requests), 32):
-            ch = requests[s : s + 32]
-            batch = make_batch(lm, [r.prompt for r in ch], [r.target_new for r in ch])
-            logits, labels = batch_logits(lm, batch)
-            ok = ((logits.argmax(-1) == labels) | (labels < 0)).all(1)
-            for r, known in zip(ch, ok.tolist()):
-                if known:
-                    log.warning("%s: target %r is already the model's answer; its update will be small", r.label,
-                                r.target_new)
+    def warn_known(requests, infos: list[dict]) -> None:
+        """Warn about requests whose target is already the model's greedy answer (their edit is ~0);
+        z* reads this at its first step (δ = 0, the bare prompt), at no extra cost."""
+        for r, info in zip(requests, infos):
+            if info.get("known"):
+                log.warning("%s: target %r is already the model's answer; its update will be small", r.label,
+                            r.target_new)
 
     def _edit(self, lm: LM, requests: list[EditRequest]) -> WeightPatch:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -267,10 +261,9 @@ class MEMITEditor(LocateEditor):
     def _edit(self, lm: LM, requests: list[EditRequest]) -> WeightPatch:
         with self._phase("stats"):
             self.stats(lm, self.edit_layers())  # fail early on statistics problems, before the z* loop
-        with self._phase("check"):
-            self.warn_known(lm, requests)
         with self._phase("z*"):
             zs, infos = self._z(lm, requests)
+        self.warn_known(requests, infos)
         factors: dict = {}
         keys = self._spread(lm, requests, zs, factors)
         patch = self._patch(lm, requests, factors, {"z": infos})
@@ -358,10 +351,9 @@ class NSEEditor(MEMITEditor):
             self._pending_originals = {l: self._weight(lm, l)[1].detach().clone() for l in self.edit_layers()}
         with self._phase("stats"):
             self.stats(lm, self.edit_layers())
-        with self._phase("check"):
-            self.warn_known(lm, requests)
         with self._phase("z*"):
             zs, infos = self._z(lm, requests)
+        self.warn_known(requests, infos)
         factors: dict = {}
         zl = lm.arch.block_path(self.loss_layer_z(lm))
         passes = []
@@ -426,7 +418,6 @@ class ROMEEditor(LocateEditor):
         c = self.config
         layer = self.edit_layers()[0]
         C = self.stats(lm, [layer])[layer].moment() if c.mom2_adjustment else None
-        self.warn_known(lm, requests)
         site = lm.arch.mlp_out_path(layer)
         factors: dict = {layer: []}
         infos = []
@@ -436,6 +427,7 @@ class ROMEEditor(LocateEditor):
             k_avg, k_bare = common.average_keys(k, c.key_average)[0], k[0, 0]  # template 0 is "{}"
             v_star, info = common.compute_z(lm, [r], templates, site, _z_settings(c), progress=False)
             infos.extend(info)
+            self.warn_known([r], info)
             u = _solve(C, k_avg[:, None], f"rome layer {layer}")[:, 0] if C is not None else k_avg.clone()
             u = u / u.norm()
             cur = common.site_values(lm, [r], site)[0].double()  # W k + b at the bare prompt

@@ -1,0 +1,107 @@
+"""Sweep the closed-form step of MEMIT / AlphaEdit / NSE with z* computed once.
+
+    python bench/solve_sweep.py METHOD '{"key": [values], ...}' [--n 200] [--out bench/results/solve_sweep.jsonl]
+
+z* (the expensive part) depends only on the z* settings and the unedited model, not on the solve's
+hyper-parameters (λ, the null-space threshold, L2, NSE's neuron threshold) nor on the layers below the
+last edited one. So it is computed once for the first N CounterFact-edit records, in one batch, with the
+preset's z* settings (saved as safetensors under --zdir and reused), and every grid point only re-runs
+the keys, the residual spreading and the solves. Each point reports efficacy / generalisation /
+specificity on the N records and the WikiText-2 test perplexity (first --ppl-tokens tokens), against
+the unedited model's figures. Grid keys that change z* (its site, steps, clamp ...) are refused.
+Results are appended to --out as JSON Lines.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from factedit import get_editor
+from factedit.cli import _general_text
+from factedit.data import default_bench_file, load_counterfact
+from factedit.data.paths import default_data_dir
+from factedit.eval.metrics import aggregate, score_cases
+from factedit.eval.scoring import perplexity
+from factedit.lm.load import load_lm
+from factedit.methods.base import frozen
+from factedit.methods.locate import _z_settings
+
+
+def scores(lm, cases, text, ppl_tokens):
+    m = aggregate([{k: v for k, v in r.items() if k != "raw"} for r in score_cases(lm, cases, "counterfact")])
+    out = {k: m[k] for k in ("efficacy", "generalization", "specificity")}
+    out["perplexity"] = round(perplexity(lm, text, ppl_tokens), 4)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("method", choices=["memit", "alphaedit", "nse"])
+    ap.add_argument("grid", help="JSON object: key -> list of values")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--zdir", default=os.path.expanduser("~/.cache/factedit/zsweep"))
+    ap.add_argument("--z-batch", type=int, default=32, help="requests per z* batch (does not change z*)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    lm = load_lm()
+    cases = load_counterfact(default_bench_file("counterfact"), args.n)
+    reqs = [c.request for c in cases]
+    text = _general_text(default_data_dir())
+    grid = json.loads(args.grid)
+    base = get_editor(args.method, lm, z_batch=args.z_batch)
+    zset = _z_settings(base.config)
+    site = base.loss_layer_z(lm)
+    zkey = {k: v for k, v in dataclasses.asdict(zset).items() if k != "batch"}
+    key = json.dumps({"fp": lm.fingerprint, "n": args.n, "z": zkey, "site": site,
+                      "templates": base.config.template_lengths, "per": base.config.templates_per_length,
+                      "seed": base.config.template_seed}, sort_keys=True)
+    zpath = Path(args.zdir) / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".safetensors")
+    if zpath.exists():
+        zs = load_file(str(zpath))["z"]
+        infos = json.loads(zpath.with_suffix(".json").read_text())
+    else:
+        t = time.time()
+        with frozen(lm), torch.no_grad():
+            zs, infos = base._z(lm, reqs)
+        print(f"z* for {args.n} requests: {time.time() - t:.0f} s", flush=True)
+        zpath.parent.mkdir(parents=True, exist_ok=True)
+        tmp = zpath.with_suffix(".tmp")
+        save_file({"z": zs.contiguous()}, str(tmp))
+        zpath.with_suffix(".json").write_text(json.dumps(infos))
+        os.replace(tmp, zpath)
+    pre = scores(lm, cases, text, args.ppl_tokens)
+    print("pre", pre, flush=True)
+    for vals in itertools.product(*grid.values()):
+        ov = dict(zip(grid, vals))
+        ed = get_editor(args.method, lm, z_batch=args.z_batch, **ov)
+        if _z_settings(ed.config) != zset or ed.loss_layer_z(lm) != site:
+            raise SystemExit(f"{ov} changes z* (its settings or site); sweep those with bench/sweep.py")
+        ed._z = lambda _lm, _reqs: (zs, infos)  # the cached z* (same settings, same unedited model)
+        t = time.time()
+        p = ed.compute(lm, reqs)
+        dt = time.time() - t
+        with p.apply(lm):
+            post = scores(lm, cases, text, args.ppl_tokens)
+        rec = {"method": args.method, "overrides": ov, "n": args.n, "pre": pre, "post": post,
+               "ppl_ratio": round(post["perplexity"] / pre["perplexity"], 4), "solve_s": round(dt, 1),
+               "phase_s": p.meta.get("phase_s"), "passes": p.meta.get("passes"), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "machine": platform.machine()}
+        print(json.dumps(rec), flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
