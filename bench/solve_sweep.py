@@ -1,6 +1,6 @@
 """Sweep the closed-form step of MEMIT / AlphaEdit / NSE with z* computed once.
 
-    python bench/solve_sweep.py METHOD '{"key": [values], ...}' [--n 200] [--out bench/results/solve_sweep.jsonl]
+    python bench/solve_sweep.py METHOD '{"key": [values], ...}' [--n 200] [--rounds-of 100] [--out FILE]
 
 z* (the expensive part) depends only on the z* settings and the unedited model, not on the solve's
 hyper-parameters (λ, the null-space threshold, L2, NSE's neuron threshold) nor on the layers below the
@@ -9,6 +9,9 @@ preset's z* settings (saved as safetensors under --zdir and reused), and every g
 the keys, the residual spreading and the solves. Each point reports efficacy / generalisation /
 specificity on the N records and the WikiText-2 test perplexity (first --ppl-tokens tokens), against
 the unedited model's figures. Grid keys that change z* (its site, steps, clamp ...) are refused.
+With --rounds-of K (NSE only) the N facts are edited sequentially in rounds of K, each round committed
+before the next, exactly as `factedit eval --mode sequential` does: NSE's z* always comes from the
+original weights, so the cached z* is the one the sequential run would compute.
 Results are appended to --out as JSON Lines.
 """
 
@@ -51,8 +54,13 @@ def main():
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--zdir", default=os.path.expanduser("~/.cache/factedit/zsweep"))
     ap.add_argument("--z-batch", type=int, default=32, help="requests per z* batch (does not change z*)")
+    ap.add_argument("--rounds-of", type=int, default=0,
+                    help="edit sequentially in rounds of this size (NSE only: its z* always comes from the original "
+                         "weights, so it does not depend on earlier rounds)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.rounds_of and args.method != "nse":
+        raise SystemExit("--rounds-of needs nse: MEMIT's and AlphaEdit's z* depend on the earlier rounds' edits")
     lm = load_lm()
     cases = load_counterfact(default_bench_file("counterfact"), args.n)
     reqs = [c.request for c in cases]
@@ -86,15 +94,29 @@ def main():
         ed = get_editor(args.method, lm, z_batch=args.z_batch, **ov)
         if _z_settings(ed.config) != zset or ed.loss_layer_z(lm) != site:
             raise SystemExit(f"{ov} changes z* (its settings or site); sweep those with bench/sweep.py")
-        ed._z = lambda _lm, _reqs: (zs, infos)  # the cached z* (same settings, same unedited model)
+        k = args.rounds_of or args.n
+        handles, metas = [], []
         t = time.time()
-        p = ed.compute(lm, reqs)
-        dt = time.time() - t
-        with p.apply(lm):
+        try:
+            for s in range(0, args.n, k):
+                # the cached z* (same settings, same unedited model; NSE rewinds to it in every round)
+                ed._z = lambda _lm, _reqs, s=s: (zs[s : s + k], infos[s : s + k])
+                p = ed.compute(lm, reqs[s : s + k])
+                handles.append(p.apply(lm))
+                ed.commit(p)
+                metas.append(p.meta)
+            dt = time.time() - t
             post = scores(lm, cases, text, args.ppl_tokens)
-        rec = {"method": args.method, "overrides": ov, "n": args.n, "pre": pre, "post": post,
+        finally:
+            for h in reversed(handles):
+                h.revert()
+        phases = {}
+        for m in metas:
+            for ph, v in (m.get("phase_s") or {}).items():
+                phases[ph] = round(phases.get(ph, 0.0) + v, 2)
+        rec = {"method": args.method, "overrides": ov, "n": args.n, "rounds_of": k, "pre": pre, "post": post,
                "ppl_ratio": round(post["perplexity"] / pre["perplexity"], 4), "solve_s": round(dt, 1),
-               "phase_s": p.meta.get("phase_s"), "passes": p.meta.get("passes"), "threads": torch.get_num_threads(),
+               "phase_s": phases, "passes": [m.get("passes") for m in metas], "threads": torch.get_num_threads(),
                "torch": torch.__version__, "machine": platform.machine()}
         print(json.dumps(rec), flush=True)
         if args.out:
