@@ -11,7 +11,9 @@ specificity on the N records and the WikiText-2 test perplexity (first --ppl-tok
 the unedited model's figures. Grid keys that change z* (its site, steps, clamp ...) are refused.
 With --rounds-of K (NSE only) the N facts are edited sequentially in rounds of K, each round committed
 before the next, exactly as `factedit eval --mode sequential` does: NSE's z* always comes from the
-original weights, so the cached z* is the one the sequential run would compute.
+original weights, so the cached z* is the one the sequential run would compute. For MEMIT and
+AlphaEdit, --approx-z allows rounds with the unedited model's z* in every round (an approximation
+for ranking settings, recorded as "approx_z" in the output).
 Results are appended to --out as JSON Lines.
 """
 
@@ -57,10 +59,14 @@ def main():
     ap.add_argument("--rounds-of", type=int, default=0,
                     help="edit sequentially in rounds of this size (NSE only: its z* always comes from the original "
                          "weights, so it does not depend on earlier rounds)")
+    ap.add_argument("--approx-z", action="store_true",
+                    help="allow --rounds-of for memit/alphaedit with z* from the unedited model in every round "
+                         "(the real run recomputes z* on the edited model): a cheap proxy for ranking settings")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.rounds_of and args.method != "nse":
-        raise SystemExit("--rounds-of needs nse: MEMIT's and AlphaEdit's z* depend on the earlier rounds' edits")
+    if args.rounds_of and args.method != "nse" and not args.approx_z:
+        raise SystemExit("--rounds-of needs nse: MEMIT's and AlphaEdit's z* depend on the earlier rounds' edits "
+                         "(--approx-z uses the unedited model's z* in every round, an approximation)")
     lm = load_lm()
     cases = load_counterfact(default_bench_file("counterfact"), args.n)
     reqs = [c.request for c in cases]
@@ -114,7 +120,8 @@ def main():
         for m in metas:
             for ph, v in (m.get("phase_s") or {}).items():
                 phases[ph] = round(phases.get(ph, 0.0) + v, 2)
-        rec = {"method": args.method, "overrides": ov, "n": args.n, "rounds_of": k, "pre": pre, "post": post,
+        rec = {"method": args.method, "overrides": ov, "n": args.n, "rounds_of": k,
+               "approx_z": bool(args.approx_z and args.rounds_of and args.method != "nse"), "pre": pre, "post": post,
                "ppl_ratio": round(post["perplexity"] / pre["perplexity"], 4), "solve_s": round(dt, 1),
                "phase_s": phases, "passes": [m.get("passes") for m in metas], "threads": torch.get_num_threads(),
                "torch": torch.__version__, "machine": platform.machine()}
