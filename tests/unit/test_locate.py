@@ -163,6 +163,25 @@ def test_keys_average_groupwise():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_key_walker_equals_plain_keys_while_layers_are_edited(family):
+    lm = tiny_lm(family)
+    T = ["{}", "The Paris . {}", "A b c . {}"]
+    walker = common.KeyWalker(lm, REQ, T, "group", batch_size=4)  # 9 texts: three batches
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in (0, 1, 3):
+            got = walker.keys(layer)
+            want = common.compute_keys(lm, REQ, T, [layer], "group")[layer]
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+            w = lm.model.get_submodule(lm.arch.mlp_out_path(layer)).weight
+            w.add_(0.5 * torch.randn_like(w))  # an edit of this layer changes the keys above it
+    # llama and gemma3 start mid-stack from the kept block inputs; gpt2 falls back to the plain forward
+    assert common.KeyWalker._ok[lm.model] is (family != "gpt2")
+    with pytest.raises(FactEditError, match="ascend"):
+        walker.keys(1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
 def test_batched_z_equals_one_request_at_a_time(family):
     lm = tiny_lm(family)
     for p in lm.model.parameters():

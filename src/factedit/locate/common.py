@@ -176,6 +176,95 @@ def compute_keys(lm: LM, requests: Sequence[EditRequest], templates: list[str], 
     return {l: average_keys(k, average) for l, k in template_keys(lm, requests, templates, layers).items()}
 
 
+class KeyWalker:
+    """Template-averaged keys of one batch of requests at ascending layers, while the spread edits the
+    layers in between (MEMIT §0.4).
+
+    A layer's keys depend only on the blocks below it, and an edit of layer l's out-projection does not
+    change the input of block l. So the input of the block last read is kept, and the next layer's keys
+    run only the blocks from there up (instead of the whole stack below each edited layer). The first
+    use per model is checked against the plain forward; families that cannot start mid-stack (GPT-2
+    adds position embeddings to ``inputs_embeds``) use the plain forward."""
+
+    _ok: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, lm: LM, requests: Sequence[EditRequest], templates: list[str], average: str = "group",
+                 batch_size: int = 64) -> None:
+        self.lm, self.requests, self.templates, self.average = lm, list(requests), templates, average
+        texts, subjects, starts = [], [], []
+        for r in requests:
+            for t in templates:
+                text, off = fill(t, r.prompt)
+                texts.append(text)
+                subjects.append(r.subject)
+                starts.append(off + r.prompt.index(r.subject))
+        self.rows = [_rows(lm, texts[s : s + batch_size], subjects[s : s + batch_size], starts[s : s + batch_size])
+                     for s in range(0, len(texts), batch_size)]
+        self.at: int | None = None  # the block whose inputs ``self.h`` holds
+        self.h: list[torch.Tensor] = []
+
+    def _pass(self, layer: int, start: int | None) -> torch.Tensor:
+        """Keys (N, d0) at ``layer``; keeps the inputs of block ``layer``. ``start``: run from the kept
+        inputs of that block (None: from the embeddings)."""
+        lm = self.lm
+        dev = lm.device
+        blk = lm.model.get_submodule(lm.arch.block_path(layer))
+        mlp = lm.model.get_submodule(lm.arch.mlp_out_path(layer))
+        parent_path, _, attr = lm.arch.blocks.rpartition(".")
+        parent = lm.model.get_submodule(parent_path) if parent_path else lm.model
+        full = getattr(parent, attr)
+        keys, hs = [], []
+        for i, rows in enumerate(self.rows):
+            got = {}
+
+            def pre(_m, args, kwargs):
+                got["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+            def stop(_m, a):
+                got["k"] = a[0]
+                raise _Stop()
+
+            ids, mask = rows.input_ids.to(dev), rows.attention_mask.to(dev)
+            with _hooks([blk.register_forward_pre_hook(pre, with_kwargs=True), mlp.register_forward_pre_hook(stop)]):
+                try:
+                    if start is None:
+                        lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                    else:
+                        setattr(parent, attr, nn.ModuleList(list(full)[start : layer + 1]))
+                        try:
+                            lm.model.base_model(inputs_embeds=self.h[i], attention_mask=mask, use_cache=False)
+                        finally:
+                            setattr(parent, attr, full)
+                except _Stop:
+                    pass
+            b = torch.arange(len(rows.pos))
+            keys.append(got["k"][b, rows.pos.to(dev)].float().cpu())
+            hs.append(got["h"])
+        self.h, self.at = hs, layer
+        return torch.cat(keys)
+
+    @torch.no_grad()
+    def keys(self, layer: int) -> torch.Tensor:
+        """Template-averaged keys (u, d0) at ``layer`` on the model as it is now (layers ascending)."""
+        if self.at is not None and layer < self.at:
+            raise FactEditError(f"keys requested at layer {layer} after layer {self.at}: layers must ascend")
+        ok = KeyWalker._ok.get(self.lm.model)
+        if self.at is None or ok is False:
+            k = self._pass(layer, None)
+        else:
+            start = self.at
+            k = self._pass(layer, start)
+            if ok is None:  # first use on this model: compare with the plain forward
+                ref = self._pass(layer, None)
+                err = float((k - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
+                KeyWalker._ok[self.lm.model] = err < 1e-4
+                if err >= 1e-4:
+                    log.info("keys: %s cannot start its forward mid-stack (rel. error %.1e); using the full forward",
+                             self.lm.model.config.model_type, err)
+                k = ref
+        return average_keys(k.view(len(self.requests), len(self.templates), -1), self.average)
+
+
 def site_values(lm: LM, requests: Sequence[EditRequest], site_path: str) -> torch.Tensor:
     """The output of ``site_path`` at the subject's last token of each bare prompt: (u, d)."""
     return capture_at(lm, [r.prompt for r in requests], [r.subject for r in requests],

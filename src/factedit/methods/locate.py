@@ -245,10 +245,11 @@ class MEMITEditor(LocateEditor):
         edited model: what C_p accumulates on commit."""
         layers = self.edit_layers()
         keys = {}
+        walker = common.KeyWalker(lm, requests, self._templates(lm), self.config.key_average)
         zl = lm.arch.block_path(self.loss_layer_z(lm))
         for i, l in enumerate(layers):
             with self._phase("keys"):
-                K = common.compute_keys(lm, requests, self._templates(lm), [l], self.config.key_average)[l]
+                K = walker.keys(l)
                 cur = common.site_values(lm, requests, zl)
             R = (zs - cur) / (len(layers) - i)
             with self._phase("solve"):
