@@ -34,18 +34,10 @@ from factedit import get_editor
 from factedit.cli import _general_text
 from factedit.data import default_bench_file, load_counterfact
 from factedit.data.paths import default_data_dir
-from factedit.eval.metrics import aggregate, score_cases
-from factedit.eval.scoring import perplexity
 from factedit.lm.load import load_lm
 from factedit.methods.base import frozen
 from factedit.methods.locate import _z_settings
-
-
-def scores(lm, cases, text, ppl_tokens):
-    m = aggregate([{k: v for k, v in r.items() if k != "raw"} for r in score_cases(lm, cases, "counterfact")])
-    out = {k: m[k] for k in ("efficacy", "generalization", "specificity")}
-    out["perplexity"] = round(perplexity(lm, text, ppl_tokens), 4)
-    return out
+from sweep import emit, scores  # bench/sweep.py, beside this script
 
 
 def main():
@@ -125,11 +117,7 @@ def main():
                "ppl_ratio": round(post["perplexity"] / pre["perplexity"], 4), "solve_s": round(dt, 1),
                "phase_s": phases, "passes": [m.get("passes") for m in metas], "threads": torch.get_num_threads(),
                "torch": torch.__version__, "machine": platform.machine()}
-        print(json.dumps(rec), flush=True)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        emit(rec, args.out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,15 @@ def scores(lm, cases, text=None, ppl_tokens=0):
     return out
 
 
+def emit(rec: dict, out: str | None) -> None:
+    """Print one result record and append it to the JSON Lines file ``out`` (if given)."""
+    print(json.dumps(rec), flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
 def z_summary(patch, stop: float):
     """Mean z* steps / final loss / ‖δ‖÷‖h‖ and the phase timings of a locate-family patch (else {})."""
     z = patch.meta.get("z") if hasattr(patch, "meta") else None
@@ -71,11 +80,7 @@ def main():
         rec = {"method": args.method, "overrides": ov, "n": args.n, "pre": pre, "post": post,
                "s_per_fact": round(dt / args.n, 2), **z_summary(p, getattr(ed.config, "early_stop_loss", 0.0)), "threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
                "torch": torch.__version__, "machine": platform.machine()}
-        print(json.dumps(rec), flush=True)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        emit(rec, args.out)
 
 
 if __name__ == "__main__":

@@ -146,10 +146,9 @@ def _block_index(lm: LM, path: str) -> int:
     return int(path[len(prefix) :].split(".")[0])
 
 
-def template_keys(lm: LM, requests: Sequence[EditRequest], templates: list[str],
-                  layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Keys per layer and template (u, n_templates, d0): the MLP out-projection input at the subject's
-    last token of each templated prompt."""
+def _templated(requests: Sequence[EditRequest], templates: list[str]) -> tuple[list[str], list[str], list[int]]:
+    """Texts (request-major, each template filled with the prompt), subjects, and each subject's
+    character offset in its text."""
     texts, subjects, starts = [], [], []
     for r in requests:
         for t in templates:
@@ -157,8 +156,29 @@ def template_keys(lm: LM, requests: Sequence[EditRequest], templates: list[str],
             texts.append(text)
             subjects.append(r.subject)
             starts.append(off + r.prompt.index(r.subject))
+    return texts, subjects, starts
+
+
+@contextmanager
+def _only_blocks(lm: LM, start: int, end: int | None = None) -> Iterator[None]:
+    """The model's block list cut to blocks ``start..end-1`` for the duration (the forward then takes
+    the inputs of block ``start`` as ``inputs_embeds``)."""
+    parent_path, _, attr = lm.arch.blocks.rpartition(".")
+    parent = lm.model.get_submodule(parent_path) if parent_path else lm.model
+    full = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList(list(full)[start:end]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, full)
+
+
+def template_keys(lm: LM, requests: Sequence[EditRequest], templates: list[str],
+                  layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Keys per layer and template (u, n_templates, d0): the MLP out-projection input at the subject's
+    last token of each templated prompt."""
     mods = {l: lm.arch.mlp_out_path(l) for l in layers}
-    got = capture_at(lm, texts, subjects, starts, mods, "input")
+    got = capture_at(lm, *_templated(requests, templates), mods, "input")
     return {l: got[l].view(len(requests), len(templates), -1) for l in layers}
 
 
@@ -191,13 +211,7 @@ class KeyWalker:
     def __init__(self, lm: LM, requests: Sequence[EditRequest], templates: list[str], average: str = "group",
                  batch_size: int = 64) -> None:
         self.lm, self.requests, self.templates, self.average = lm, list(requests), templates, average
-        texts, subjects, starts = [], [], []
-        for r in requests:
-            for t in templates:
-                text, off = fill(t, r.prompt)
-                texts.append(text)
-                subjects.append(r.subject)
-                starts.append(off + r.prompt.index(r.subject))
+        texts, subjects, starts = _templated(requests, templates)
         self.rows = [_rows(lm, texts[s : s + batch_size], subjects[s : s + batch_size], starts[s : s + batch_size])
                      for s in range(0, len(texts), batch_size)]
         self.at: int | None = None  # the block whose inputs ``self.h`` holds
@@ -210,9 +224,6 @@ class KeyWalker:
         dev = lm.device
         blk = lm.model.get_submodule(lm.arch.block_path(layer))
         mlp = lm.model.get_submodule(lm.arch.mlp_out_path(layer))
-        parent_path, _, attr = lm.arch.blocks.rpartition(".")
-        parent = lm.model.get_submodule(parent_path) if parent_path else lm.model
-        full = getattr(parent, attr)
         keys, hs = [], []
         for i, rows in enumerate(self.rows):
             got = {}
@@ -230,11 +241,8 @@ class KeyWalker:
                     if start is None:
                         lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
                     else:
-                        setattr(parent, attr, nn.ModuleList(list(full)[start : layer + 1]))
-                        try:
+                        with _only_blocks(lm, start, layer + 1):
                             lm.model.base_model(inputs_embeds=self.h[i], attention_mask=mask, use_cache=False)
-                        finally:
-                            setattr(parent, attr, full)
                 except _Stop:
                     pass
             b = torch.arange(len(rows.pos))
@@ -348,18 +356,7 @@ class _Upper:
 
     def __init__(self, lm: LM, start: int) -> None:
         self.lm, self.start = lm, start
-        parent_path, _, self.attr = lm.arch.blocks.rpartition(".")
-        self.parent = lm.model.get_submodule(parent_path) if parent_path else lm.model
         self.base = lm.model.base_model  # the decoder without the LM head; ends with the final norm
-
-    @contextmanager
-    def truncated(self) -> Iterator[None]:
-        full = getattr(self.parent, self.attr)
-        setattr(self.parent, self.attr, nn.ModuleList(list(full)[self.start :]))
-        try:
-            yield
-        finally:
-            setattr(self.parent, self.attr, full)
 
     def full(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final-norm output (B, T, d) of the whole model (the LM head does not run)."""
@@ -413,7 +410,7 @@ class _Upper:
             h, mask, pos_ids = h[keep], mask[keep], pos_ids[keep]
             kv = [(k[keep], v[keep]) for k, v in kv]
         cache = DynamicCache(ddp_cache_data=kv, config=self.lm.model.config) if kv else None
-        with self.truncated():
+        with _only_blocks(self.lm, self.start):
             return self.base(inputs_embeds=h, attention_mask=mask, position_ids=pos_ids, past_key_values=cache,
                              use_cache=cache is not None).last_hidden_state
 
