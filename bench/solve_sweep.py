@@ -6,7 +6,7 @@ z* (the expensive part) depends only on the z* settings and the unedited model, 
 hyper-parameters (λ, the null-space threshold, L2, NSE's neuron threshold) nor on the layers below the
 last edited one. So it is computed once for the first N CounterFact-edit records, in one batch, with the
 preset's z* settings (saved as safetensors under --zdir and reused), and every grid point only re-runs
-the keys, the residual spreading and the solves. Each point reports efficacy / generalisation /
+the keys, the residual spreading and the solves. --base sets z* settings (and others) for all points. Each point reports efficacy / generalisation /
 specificity on the N records and the WikiText-2 test perplexity (first --ppl-tokens tokens), against
 the unedited model's figures. Grid keys that change z* (its site, steps, clamp ...) are refused.
 With --rounds-of K (NSE only) the N facts are edited sequentially in rounds of K, each round committed
@@ -45,6 +45,9 @@ def main():
     ap.add_argument("method", choices=["memit", "alphaedit", "nse"])
     ap.add_argument("grid", help="JSON object: key -> list of values")
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--base", default="{}",
+                    help="JSON object of settings applied to every point, z* settings included (e.g. a smaller "
+                         "clamp); z* is computed once for them and cached")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--zdir", default=os.path.expanduser("~/.cache/factedit/zsweep"))
     ap.add_argument("--z-batch", type=int, default=32, help="requests per z* batch (does not change z*)")
@@ -64,7 +67,8 @@ def main():
     reqs = [c.request for c in cases]
     text = _general_text(default_data_dir())
     grid = json.loads(args.grid)
-    base = get_editor(args.method, lm, z_batch=args.z_batch)
+    over = json.loads(args.base)
+    base = get_editor(args.method, lm, z_batch=args.z_batch, **over)
     zset = _z_settings(base.config)
     site = base.loss_layer_z(lm)
     zkey = {k: v for k, v in dataclasses.asdict(zset).items() if k != "batch"}
@@ -89,7 +93,7 @@ def main():
     print("pre", pre, flush=True)
     for vals in itertools.product(*grid.values()):
         ov = dict(zip(grid, vals))
-        ed = get_editor(args.method, lm, z_batch=args.z_batch, **ov)
+        ed = get_editor(args.method, lm, z_batch=args.z_batch, **{**over, **ov})
         if _z_settings(ed.config) != zset or ed.loss_layer_z(lm) != site:
             raise SystemExit(f"{ov} changes z* (its settings or site); sweep those with bench/sweep.py")
         k = args.rounds_of or args.n
@@ -112,7 +116,7 @@ def main():
         for m in metas:
             for ph, v in (m.get("phase_s") or {}).items():
                 phases[ph] = round(phases.get(ph, 0.0) + v, 2)
-        rec = {"method": args.method, "overrides": ov, "n": args.n, "rounds_of": k,
+        rec = {"method": args.method, "base": over, "overrides": ov, "n": args.n, "rounds_of": k,
                "approx_z": bool(args.approx_z and args.rounds_of and args.method != "nse"), "pre": pre, "post": post,
                "ppl_ratio": round(post["perplexity"] / pre["perplexity"], 4), "solve_s": round(dt, 1),
                "phase_s": phases, "passes": [m.get("passes") for m in metas], "threads": torch.get_num_threads(),
