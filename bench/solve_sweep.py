@@ -5,7 +5,8 @@
 z* (the expensive part) depends only on the z* settings and the unedited model, not on the solve's
 hyper-parameters (λ, the null-space threshold, L2, NSE's neuron threshold) nor on the layers below the
 last edited one. So it is computed once for the first N CounterFact-edit records, in one batch, with the
-preset's z* settings (saved as safetensors under --zdir and reused), and every grid point only re-runs
+preset's z* settings (kept in the z* store, ``<cache>/zstar``, which `factedit eval` runs on the same
+weights share), and every grid point only re-runs
 the keys, the residual spreading and the solves. --base sets z* settings (and others) for all points. Each point reports efficacy / generalisation /
 specificity on the N records and the WikiText-2 test perplexity (first --ppl-tokens tokens), against
 the unedited model's figures. Grid keys that change z* (its site, steps, clamp ...) are refused.
@@ -18,17 +19,12 @@ Results are appended to --out as JSON Lines.
 """
 
 import argparse
-import dataclasses
-import hashlib
 import itertools
 import json
-import os
 import platform
 import time
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from factedit import get_editor
 from factedit.cli import _general_text
@@ -49,7 +45,6 @@ def main():
                     help="JSON object of settings applied to every point, z* settings included (e.g. a smaller "
                          "clamp); z* is computed once for them and cached")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
-    ap.add_argument("--zdir", default=os.path.expanduser("~/.cache/factedit/zsweep"))
     ap.add_argument("--z-batch", type=int, default=32, help="requests per z* batch (does not change z*)")
     ap.add_argument("--rounds-of", type=int, default=0,
                     help="edit sequentially in rounds of this size (NSE only: its z* always comes from the original "
@@ -71,24 +66,13 @@ def main():
     base = get_editor(args.method, lm, z_batch=args.z_batch, **over)
     zset = _z_settings(base.config)
     site = base.loss_layer_z(lm)
-    zkey = {k: v for k, v in dataclasses.asdict(zset).items() if k != "batch"}
-    key = json.dumps({"fp": lm.fingerprint, "n": args.n, "z": zkey, "site": site,
-                      "templates": base.config.template_lengths, "per": base.config.templates_per_length,
-                      "seed": base.config.template_seed}, sort_keys=True)
-    zpath = Path(args.zdir) / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".safetensors")
-    if zpath.exists():
-        zs = load_file(str(zpath))["z"]
-        infos = json.loads(zpath.with_suffix(".json").read_text())
-    else:
-        t = time.time()
-        with frozen(lm), torch.no_grad():
-            zs, infos = base._z(lm, reqs)
-        print(f"z* for {args.n} requests: {time.time() - t:.0f} s", flush=True)
-        zpath.parent.mkdir(parents=True, exist_ok=True)
-        tmp = zpath.with_suffix(".tmp")
-        save_file({"z": zs.contiguous()}, str(tmp))
-        zpath.with_suffix(".json").write_text(json.dumps(infos))
-        os.replace(tmp, zpath)
+    # the z* store (common.ZStore) keeps each request's z* for these weights and settings: computed
+    # once here (or by an earlier `factedit eval` run on the same weights), then read back
+    t = time.time()
+    with frozen(lm), torch.no_grad():
+        zs, infos = base._z(lm, reqs)
+    print(f"z* for {args.n} requests: {time.time() - t:.0f} s "
+          f"({sum(1 for i in infos if i.get('stored'))} read from the store)", flush=True)
     pre = scores(lm, cases, text, args.ppl_tokens)
     print("pre", pre, flush=True)
     for vals in itertools.product(*grid.values()):

@@ -35,3 +35,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _zstar_store(tmp_path, monkeypatch):
+    """Each test gets an empty z* store, so no test reads z* another test (or an earlier run) computed."""
+    monkeypatch.setenv("FACTEDIT_ZSTAR_CACHE", str(tmp_path / "zstar"))

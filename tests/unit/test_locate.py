@@ -203,6 +203,57 @@ def test_batched_z_equals_one_request_at_a_time(family):
     assert bool(((z - h0).norm(dim=1) <= 4.0 * h0.norm(dim=1) * (1 + 1e-4)).all())
 
 
+def test_z_store_reuses_only_for_the_same_weights_and_settings(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FACTEDIT_ZSTAR_CACHE", str(tmp_path / "zs"))
+    lm = tiny_lm("llama")
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    T = ["{}", "The Paris . {}"]
+    site = lm.arch.block_path(2)
+    s = common.ZSettings(steps=6, lr=0.5, clamp_norm_factor=4.0, batch=2)
+    real = common._compute_z_batch
+    calls = []
+
+    def counting(lm_, reqs, *a):
+        calls.append([r.case_id for r in reqs])
+        return real(lm_, reqs, *a)
+
+    monkeypatch.setattr(common, "_compute_z_batch", counting)
+    z1, i1 = common.compute_z(lm, REQ[:2], T, site, s, progress=False, cache=True)
+    assert calls == [[1, 2]]
+    # request 3 is new; 1 and 2 are read back (another batch size does not change z*), in request order
+    z2, i2 = common.compute_z(lm, [REQ[2], REQ[0], REQ[1]], T, site, common.ZSettings(**{**vars(s), "batch": 5}),
+                              progress=False, cache=True)
+    assert calls == [[1, 2], [3]]
+    assert torch.equal(z2[1:], z1)
+    assert [i["case"] for i in i2] == [r.label for r in (REQ[2], REQ[0], REQ[1])]
+    assert [i.get("stored", False) for i in i2] == [False, True, True]
+    assert [i["loss"] for i in i2[1:]] == [i["loss"] for i in i1]
+    fresh = common.compute_z(lm, [REQ[2]], T, site, s, progress=False)[0]
+    assert torch.allclose(z2[0], fresh[0], rtol=1e-5, atol=1e-6)
+    # other settings, other templates or other weights: computed again
+    common.compute_z(lm, REQ[:1], T, site, common.ZSettings(**{**vars(s), "kl_factor": 1.0}), progress=False, cache=True)
+    common.compute_z(lm, REQ[:1], ["{}"], site, s, progress=False, cache=True)
+    w = lm.model.get_submodule(lm.arch.mlp_out_path(1)).weight
+    with torch.no_grad():
+        w[0, 0] += 1e-3
+    common.compute_z(lm, REQ[:1], T, site, s, progress=False, cache=True)
+    assert calls[3:] == [[1], [1], [1]]  # (calls[2]: the store-less reference above)
+    with torch.no_grad():
+        w[0, 0] -= 1e-3  # the same bytes again: the stored z* is found
+    common.compute_z(lm, REQ[:1], T, site, s, progress=False, cache=True)
+    assert len(calls) == 6
+    # a damaged entry is recomputed (with a warning) and replaced
+    entry = common.ZStore(lm, T, site, s).path(REQ[0])
+    entry.write_bytes(b"not safetensors")
+    with caplog.at_level("WARNING"):
+        z3 = common.compute_z(lm, REQ[:1], T, site, s, progress=False, cache=True)[0]
+    assert len(calls) == 7 and "unreadable" in caplog.text
+    assert torch.allclose(z3[0], z1[0], rtol=1e-5, atol=1e-6)
+    assert common.ZStore(lm, T, site, s).get(REQ[0]) is not None
+    assert not list(entry.parent.glob(".*"))  # no temporary files left behind
+
+
 def test_rows_are_grouped_by_length():
     sizes = [3, 9, 4, 15, 14, 6, 1, 8]
     groups = common._group_by_length(sizes, overhead=4)
@@ -366,9 +417,9 @@ def test_interrupted_sequential_run_resumes_to_the_same_weights(method, corpus, 
         kw.update(alpha=0.0, upper_bound=1e9)
     ecfg = EvalConfig(ppl_tokens=0, fluency_cases=0)
 
-    def final_weights(out, interrupt_round=None):
+    def final_weights(out, interrupt_round=None, **extra):
         lm = tiny_lm("llama")
-        ed = get_editor(method, lm, **kw)
+        ed = get_editor(method, lm, **kw, **extra)
         if interrupt_round is not None:
             real = ed.compute
             calls = {"n": 0}
@@ -383,7 +434,7 @@ def test_interrupted_sequential_run_resumes_to_the_same_weights(method, corpus, 
             with pytest.raises(KeyboardInterrupt):
                 Runner(lm, ed, cases, bench="counterfact", mode="sequential", out=out, edit_batch=1, eval_cfg=ecfg).run()
             lm = tiny_lm("llama")
-            ed = get_editor(method, lm, **kw)  # a new process: fresh model and editor
+            ed = get_editor(method, lm, **kw, **extra)  # a new process: fresh model and editor
         Runner(lm, ed, cases, bench="counterfact", mode="sequential", out=out, edit_batch=1, eval_cfg=ecfg).run()
         from factedit.patch.base import Patch
 
@@ -393,7 +444,7 @@ def test_interrupted_sequential_run_resumes_to_the_same_weights(method, corpus, 
                 total[k] = total.get(k, 0) + d.materialise()
         return total, ed
 
-    a, ed_a = final_weights(tmp_path / "a")
+    a, ed_a = final_weights(tmp_path / "a", z_cache=False)  # nothing stored: b computes its own z*
     b, ed_b = final_weights(tmp_path / "b", interrupt_round=2)
     assert a.keys() == b.keys()
     for k in a:

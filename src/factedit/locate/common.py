@@ -10,25 +10,36 @@
 Speed (the result is unchanged): the hidden states entering the first block above the site are
 computed once and reused every step (only the blocks from the site up run per step), and the LM head
 runs only on the (row, position) pairs the loss reads.
+
+z* store (``compute_z(..., cache=True)``): each request's z* is saved under
+``<cache>/zstar/<digest of the current weights>/<request key>.safetensors``, the key covering the site,
+the z* settings, the templates and the request. A later call on the same weights (a resumed round,
+NSE's rounds, which always rewind to the original weights, a re-run with another λ) reads it instead
+of optimising again; weights that differ in any byte give another digest, so nothing stale is read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import FactEditError
-from ..fsutil import write_json
-from ..lm.load import LM, cache_root
+from ..fsutil import atomic_file, write_json
+from ..lm.load import LM, cache_root, fingerprint_model
 from ..lm.tokens import encode, encode_target, pad_batch, subject_last_index
 from ..types import EditRequest
 
@@ -446,8 +457,46 @@ class _Upper:
         return groups
 
 
+Z_STORE_VERSION = 1  # bump when the z* computation changes its result
+
+
+class ZStore:
+    """z* per request on disk, for one set of weights (see the module docstring)."""
+
+    def __init__(self, lm: LM, templates: list[str], site_path: str, s: ZSettings) -> None:
+        root = Path(os.environ["FACTEDIT_ZSTAR_CACHE"]) if os.environ.get("FACTEDIT_ZSTAR_CACHE") \
+            else cache_root() / "zstar"
+        self.dir = root / fingerprint_model(lm.model)  # the weights z* is computed on, byte for byte
+        tok = lm.tokenizer
+        settings = {k: v for k, v in vars(s).items() if k != "batch"}  # the batch size does not change z*
+        self.base = json.dumps({"v": Z_STORE_VERSION, "site": site_path, "z": settings, "templates": templates,
+                                "tokenizer": [type(tok).__name__, len(tok)], "device": lm.device.type},
+                               sort_keys=True)
+
+    def path(self, r: EditRequest) -> Path:
+        k = json.dumps([self.base, r.prompt, r.subject, r.target_new])
+        return self.dir / (hashlib.sha256(k.encode()).hexdigest()[:32] + ".safetensors")
+
+    def get(self, r: EditRequest) -> tuple[torch.Tensor, dict] | None:
+        p = self.path(r)
+        if not p.exists():
+            return None
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                z, info = f.get_tensor("z"), json.loads(f.metadata()["info"])
+        except Exception as e:  # noqa: BLE001 - an unreadable entry is recomputed (and overwritten)
+            log.warning("z* store: ignoring unreadable %s (%s)", p, e)
+            return None
+        return z, {**info, "case": r.label, "stored": True}
+
+    def put(self, r: EditRequest, z: torch.Tensor, info: dict) -> None:
+        p = self.path(r)
+        with atomic_file(p) as tmp:
+            save_file({"z": z.detach().float().contiguous()}, str(tmp), metadata={"info": json.dumps(info)})
+
+
 def compute_z(lm: LM, requests: Sequence[EditRequest], templates: list[str], site_path: str,
-              s: ZSettings, progress: bool = True) -> tuple[torch.Tensor, list[dict]]:
+              s: ZSettings, progress: bool = True, cache: bool = False) -> tuple[torch.Tensor, list[dict]]:
     """Target values z* = h_init + δ* (u, d) at ``site_path`` (a block or an MLP out-projection).
 
     Loss per request (mean over its templated prompts):
@@ -459,16 +508,29 @@ def compute_z(lm: LM, requests: Sequence[EditRequest], templates: list[str], sit
         raise FactEditError(f"unknown kl_direction '{s.kl_direction}' (current_initial or initial_current)")
     if s.autocast not in ("none", "bf16"):
         raise FactEditError(f"unknown autocast '{s.autocast}' (none or bf16)")
-    zs, infos = [], []
-    chunks = [list(requests[i : i + s.batch]) for i in range(0, len(requests), max(1, s.batch))]
-    bar = tqdm(total=len(requests), desc="z*", leave=False, disable=None if progress else True)
+    store = ZStore(lm, templates, site_path, s) if cache else None
+    found = {}
+    if store is not None:
+        for i, r in enumerate(requests):
+            got = store.get(r)
+            if got is not None:
+                found[i] = got
+        if found:
+            log.info("z*: %d of %d requests read from %s", len(found), len(requests), store.dir)
+    todo = [i for i in range(len(requests)) if i not in found]
+    chunks = [todo[i : i + s.batch] for i in range(0, len(todo), max(1, s.batch))]
+    bar = tqdm(total=len(requests), initial=len(found), desc="z*", leave=False, disable=None if progress else True)
     for ch in chunks:
-        z, info = _compute_z_batch(lm, ch, templates, site_path, s)
-        zs.append(z)
-        infos.extend(info)
+        z, info = _compute_z_batch(lm, [requests[i] for i in ch], templates, site_path, s)
+        for k, i in enumerate(ch):
+            found[i] = (z[k], info[k])
+            if store is not None:
+                store.put(requests[i], z[k], info[k])
         bar.update(len(ch))
     bar.close()
-    return torch.cat(zs), infos
+    if not requests:
+        return torch.zeros(0, lm.hidden_size), []
+    return torch.stack([found[i][0] for i in range(len(requests))]), [found[i][1] for i in range(len(requests))]
 
 
 @torch.enable_grad()

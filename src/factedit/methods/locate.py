@@ -54,6 +54,7 @@ class LocateConfig:
     z_batch: int = 16  # requests optimised together in the z* loop
     z_fast: bool = True  # reuse hidden states below the site, LM head only where the loss reads
     autocast: str = "none"  # "none" or "bf16" for the z* forward/backward
+    z_cache: bool = True  # keep each z* on disk per weights digest and reuse it (common.ZStore)
     mom2_corpus: str | None = None  # text file for key statistics (None: shared WikiText-2 validation)
     mom2_tokens: int = 200_000
     mom2_max_len: int = 512
@@ -224,7 +225,8 @@ class MEMITEditor(LocateEditor):
 
     def _z(self, lm: LM, requests) -> tuple[torch.Tensor, list[dict]]:
         site = lm.arch.block_path(self.loss_layer_z(lm))
-        return common.compute_z(lm, requests, self._templates(lm), site, _z_settings(self.config))
+        return common.compute_z(lm, requests, self._templates(lm), site, _z_settings(self.config),
+                                cache=self.config.z_cache)
 
     def loss_layer_z(self, lm: LM) -> int:
         return self.edit_layers()[-1]  # MEMIT: z* lives at the last edited layer's output
@@ -403,6 +405,8 @@ class ROMEConfig(LocateConfig):
     key_average: str = "flat"
     mom2_adjustment: bool = True  # C = E[k kᵀ]; False: C = I (the Llama3 setting of the NSE/AlphaEdit repos)
     z_batch: int = 1  # each request's v* is computed on the model after the previous requests' edits
+    z_cache: bool = False  # each v* sees the previous edits, so a stored one is reused only on a re-run;
+    # the weights digest (~3 s on SmolLM2) would cost more per request than it saves
 
 
 class ROMEEditor(LocateEditor):
@@ -426,7 +430,8 @@ class ROMEEditor(LocateEditor):
         for r in requests:  # ROME is sequential by nature: each edit sees the previous ones
             k = common.template_keys(lm, [r], templates, [layer])[layer].double()  # (1, n_templates, d0)
             k_avg, k_bare = common.average_keys(k, c.key_average)[0], k[0, 0]  # template 0 is "{}"
-            v_star, info = common.compute_z(lm, [r], templates, site, _z_settings(c), progress=False)
+            v_star, info = common.compute_z(lm, [r], templates, site, _z_settings(c), progress=False,
+                                              cache=c.z_cache)
             infos.extend(info)
             self.warn_known([r], info)
             u = _solve(C, k_avg[:, None], f"rome layer {layer}")[:, 0] if C is not None else k_avg.clone()
