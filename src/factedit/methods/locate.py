@@ -428,15 +428,19 @@ class ROMEEditor(LocateEditor):
         infos = []
         templates = self._templates(lm)
         for r in requests:  # ROME is sequential by nature: each edit sees the previous ones
-            k = common.template_keys(lm, [r], templates, [layer])[layer].double()  # (1, n_templates, d0)
+            with self._phase("keys"):
+                k = common.template_keys(lm, [r], templates, [layer])[layer].double()  # (1, n_templates, d0)
             k_avg, k_bare = common.average_keys(k, c.key_average)[0], k[0, 0]  # template 0 is "{}"
-            v_star, info = common.compute_z(lm, [r], templates, site, _z_settings(c), progress=False,
-                                              cache=c.z_cache)
+            with self._phase("z*"):
+                v_star, info = common.compute_z(lm, [r], templates, site, _z_settings(c), progress=False,
+                                                  cache=c.z_cache)
             infos.extend(info)
             self.warn_known([r], info)
-            u = _solve(C, k_avg[:, None], f"rome layer {layer}")[:, 0] if C is not None else k_avg.clone()
+            with self._phase("solve"):
+                u = _solve(C, k_avg[:, None], f"rome layer {layer}")[:, 0] if C is not None else k_avg.clone()
             u = u / u.norm()
-            cur = common.site_values(lm, [r], site)[0].double()  # W k + b at the bare prompt
+            with self._phase("keys"):
+                cur = common.site_values(lm, [r], site)[0].double()  # W k + b at the bare prompt
             right = (v_star[0].double() - cur) / torch.dot(k_bare, u)
             U, V = right[:, None], u[:, None]
             self._add(lm, layer, U, V)
