@@ -181,7 +181,7 @@ def cmd_stats(args) -> int:
 def cmd_trace(args) -> int:
     from .fsutil import write_json
     from .lm.load import load_lm
-    from .locate.trace import KINDS, Fact, trace
+    from .locate.trace import KINDS, Fact, known_facts, trace
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -189,13 +189,28 @@ def cmd_trace(args) -> int:
         raise FactEditError(f"--kinds: unknown {bad or 'empty'} (choose from {', '.join(KINDS)})")
     if args.limit < 1 or args.samples < 1 or args.window < 1:
         raise FactEditError("--limit, --samples and --window must be at least 1")
-    _, cases = _load_cases(args.bench, args.data, args.limit, "answer")
-    facts = [Fact(c.request.prompt, c.request.subject, c.request.target_true if args.answer == "true" else None)
+    known = args.answer == "known"
+    path, cases = _load_cases(args.bench, args.data, None if known else args.limit, "answer")
+    if known and any(not c.request.target_true for c in cases):
+        bad = next(i for i, c in enumerate(cases) if not c.request.target_true)
+        raise FactEditError(f"{path}[{bad}]: --answer known needs the record's true answer, and it has none")
+    facts = [Fact(c.request.prompt, c.request.subject, c.request.target_true if args.answer != "model" else None)
              for c in cases]
     lm = load_lm(args.model)
     t0 = time.perf_counter()
+    if known:
+        idx = known_facts(lm, facts, args.limit)
+        scanned = idx[-1] + 1 if len(idx) >= args.limit else len(facts)
+        log.info("trace: %d known facts among the first %d records", len(idx), scanned)
+        if not idx:
+            raise FactEditError(f"{path}: the model knows none of the {len(facts)} records (greedy next token "
+                                "never the true answer's first token); use --answer model or true")
+        facts = [facts[i] for i in idx]
     res = trace(lm, facts, kinds, samples=args.samples, window=args.window, noise_factor=args.noise, seed=args.seed)
     res.update({"model": lm.name, "fingerprint": lm.fingerprint, "bench": args.bench, "answer": args.answer,
+                "records": idx if known else list(range(len(facts))),  # indices into the benchmark file
+                "case_ids": [cases[i].request.case_id for i in (idx if known else range(len(facts)))],
+                "scanned": scanned if known else len(facts),
                 "seconds": round(time.perf_counter() - t0, 1)})
     m = res["mean"]
     cols = [(k, pos) for pos in ("subject_last", "last") for k in kinds]
@@ -248,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
     sp.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn (ROME: 10)")
     sp.add_argument("--noise", type=float, default=3.0, help="noise std in units of the subject-embedding std")
-    sp.add_argument("--answer", choices=["model", "true"], default="model",
-                    help="trace the model's own next token or the record's true target")
+    sp.add_argument("--answer", choices=["model", "true", "known"], default="model",
+                    help="trace the model's own next token, the record's true target, or (known) the true target "
+                         "of the first --limit records the model gets right (ROME's known facts)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", default=None, help="JSON file for the full traces")
     sp.set_defaults(fn=cmd_trace)

@@ -97,3 +97,36 @@ def test_trace_command(tmp_path, capsys):
     assert res["n_facts"] == 1 and res["bench"] == "counterfact"
     assert cli.main(argv[:-2] + ["--kinds", "mlp,nope"]) == 2
     assert "nope" in capsys.readouterr().err
+    # --answer known: the random tiny model does not answer "Paris", so there is nothing to trace
+    assert cli.main(argv[:-2] + ["--answer", "known"]) == 2
+    assert "knows none of the 1 records" in capsys.readouterr().err
+
+
+def test_known_facts_keeps_exactly_the_facts_whose_greedy_token_is_the_answer():
+    from factedit.lm.tokens import encode, encode_target
+    from factedit.locate.trace import known_facts
+
+    lm = tiny_lm("llama")
+    tok = lm.tokenizer
+    pool = [("The Eiffel Tower is in", "Eiffel Tower"), ("Big Ben is located in", "Big Ben"),
+            ("The Colosseum stands in", "Colosseum"), ("Michel Rocard is a native speaker of", "Michel Rocard"),
+            ("Toko Yasuda plays the", "Toko Yasuda"), ("Apple was founded by", "Apple"),
+            ("The capital of Italy is", "Italy"), ("Microsoft was founded by", "Microsoft"),
+            ("Danielle Darrieux is a", "Danielle Darrieux"), ("Paris is a city in", "Paris"),
+            ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"), ("Where is the Colosseum", "Colosseum")]
+    facts = []
+    with torch.no_grad():
+        for p, subj in pool:  # one prompt at a time, no padding: the reference
+            g = int(lm.model(input_ids=torch.tensor([encode(tok, p)])).logits[0, -1].argmax())
+            word = tok.decode([g])
+            # the model "knows" a fact when its greedy token is the answer's first token; a random tiny
+            # model's greedy token is a word (leading space) for some prompts only
+            known = word.startswith(" ") and word.strip() and encode_target(tok, p, word.strip())[1][0] == g
+            facts.append((Fact(p, subj, word.strip() if known else "zzqq"), bool(known)))
+    expect = [i for i, (_, k) in enumerate(facts) if k]
+    assert 2 <= len(expect) < len(facts)  # both kinds present
+    facts = [f for f, _ in facts]
+    assert known_facts(lm, facts, batch=5) == expect  # batched with padding, across chunks
+    assert known_facts(lm, facts, limit=1) == expect[:1]
+    with pytest.raises(FactEditError, match="no answer"):
+        known_facts(lm, [Fact("The Eiffel Tower is in", "Eiffel Tower")])

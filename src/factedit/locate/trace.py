@@ -153,6 +153,35 @@ def trace_fact(lm: LM, fact: Fact, noise: float, kinds: Sequence[str] = KINDS, s
     return res
 
 
+@torch.no_grad()
+def known_facts(lm: LM, facts: Sequence[Fact], limit: int | None = None, batch: int = 32) -> list[int]:
+    """Indices of the facts the model knows (ROME's "known facts"): its greedy next token after the
+    prompt is the first token of the fact's answer. Facts without an answer are refused. Scans in
+    order and stops after ``limit`` known facts."""
+    for i, f in enumerate(facts):
+        if f.answer is None:
+            raise FactEditError(f"known_facts: fact {i} ({f.prompt!r}) has no answer to compare with")
+    tok, dev = lm.tokenizer, lm.device
+    keep: list[int] = []
+    for b0 in range(0, len(facts), batch):
+        chunk = facts[b0 : b0 + batch]
+        pairs = [encode_target(tok, f.prompt, f.answer) for f in chunk]
+        T = max(len(p) for p, _ in pairs)
+        ids = torch.full((len(chunk), T), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros(len(chunk), T, dtype=torch.long)
+        for r, (p, _) in enumerate(pairs):  # left-aligned; each row read at its own last prompt token
+            ids[r, : len(p)], mask[r, : len(p)] = torch.tensor(p), 1
+        logits = lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+        last = torch.tensor([len(p) - 1 for p, _ in pairs], device=dev)
+        pred = logits[torch.arange(len(chunk), device=dev), last].argmax(-1).tolist()
+        for r, (_, t) in enumerate(pairs):
+            if pred[r] == t[0]:
+                keep.append(b0 + r)
+                if limit is not None and len(keep) >= limit:
+                    return keep
+    return keep
+
+
 def trace(lm: LM, facts: Sequence[Fact], kinds: Sequence[str] = KINDS, samples: int = 10, window: int = 10,
           noise_factor: float = 3.0, seed: int = 0, progress: bool = True) -> dict:
     """Causal traces of ``facts`` and their mean indirect effect per kind, position and layer."""
