@@ -40,6 +40,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("method", choices=["memit", "alphaedit", "nse"])
     ap.add_argument("grid", help="JSON object: key -> list of values")
+    ap.add_argument("--model", default="smollm2-135m", help="embedded model name or a local HF folder")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--base", default="{}",
                     help="JSON object of settings applied to every point, z* settings included (e.g. a smaller "
@@ -60,7 +61,7 @@ def main():
     if args.rounds_of and args.method != "nse" and not args.approx_z:
         raise SystemExit("--rounds-of needs nse: MEMIT's and AlphaEdit's z* depend on the earlier rounds' edits "
                          "(--approx-z uses the unedited model's z* in every round, an approximation)")
-    lm = load_lm()
+    lm = load_lm(args.model)
     cases = load_counterfact(default_bench_file("counterfact"), args.n)
     reqs = [c.request for c in cases]
     text = _general_text(default_data_dir())
@@ -104,7 +105,7 @@ def main():
         for m in metas:
             for ph, v in (m.get("phase_s") or {}).items():
                 phases[ph] = round(phases.get(ph, 0.0) + v, 2)
-        rec = {"method": args.method, "base": over, "overrides": ov, "n": args.n, "rounds_of": k,
+        rec = {"method": args.method, "model": lm.name, "base": over, "overrides": ov, "n": args.n, "rounds_of": k,
                "scored": len(scored), "ppl_tokens": args.ppl_tokens,
                "approx_z": bool(args.approx_z and args.rounds_of and args.method != "nse"), "pre": pre, "post": post,
                "ppl_ratio": round(post["perplexity"] / pre["perplexity"], 4), "solve_s": round(dt, 1),

@@ -59,11 +59,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("method")
     ap.add_argument("grid", help="JSON object: key -> list of values")
+    ap.add_argument("--model", default="smollm2-135m", help="embedded model name or a local HF folder")
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--ppl-tokens", type=int, default=0, help="also WikiText-2 test perplexity on this many tokens")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    lm = load_lm()
+    lm = load_lm(args.model)
     cases = load_counterfact(default_bench_file("counterfact"), args.n)
     grid = json.loads(args.grid)
     text = _general_text(default_data_dir()) if args.ppl_tokens else None
@@ -77,7 +78,7 @@ def main():
         dt = time.time() - t
         with p.apply(lm):
             post = scores(lm, cases, text, args.ppl_tokens)
-        rec = {"method": args.method, "overrides": ov, "n": args.n, "pre": pre, "post": post,
+        rec = {"method": args.method, "model": lm.name, "overrides": ov, "n": args.n, "pre": pre, "post": post,
                "s_per_fact": round(dt / args.n, 2), **z_summary(p, getattr(ed.config, "early_stop_loss", 0.0)), "threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
                "torch": torch.__version__, "machine": platform.machine()}
         emit(rec, args.out)
