@@ -330,6 +330,60 @@ def test_memit_one_layer_small_lambda_reaches_z(corpus):
     assert {"z*", "keys", "solve"} <= set(patch.meta["phase_s"]) and all(v >= 0 for v in patch.meta["phase_s"].values())
 
 
+@pytest.mark.parametrize("gain", ["gemma", "olmo"])
+def test_through_post_norm_reaches_any_reachable_normed_output(gain):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    torch.manual_seed(0)
+    d = 16
+    norm = Gemma3RMSNorm(d) if gain == "gemma" else Olmo2RMSNorm(d)
+    with torch.no_grad():
+        w = torch.randn(d) * 3
+        w[5] = -1.0 if gain == "gemma" else 0.0  # a zero gain: Gemma's (1 + w), OLMo's w
+        norm.weight.copy_(w)
+    m = torch.randn(4, d)
+    m2 = m + 0.7 * torch.randn(4, d)
+    m2[:, 5] = m[:, 5]  # the zero-gain coordinate stays: then n(m2) is reachable from m
+    R = (norm(m2) - norm(m)).detach()  # a change the norm can produce
+    dm = common.through_post_norm(norm, m, R)
+    assert torch.allclose(norm(m + dm.float()), norm(m2), atol=1e-4)
+    assert torch.all(dm[:, 5] == 0)  # the zero-gain coordinate is left as it is
+    # an unreachable change: the direction of n(m) + R is matched, at the norm's fixed scale
+    R = torch.randn(4, d) * 5
+    out = norm(m + common.through_post_norm(norm, m, R).float())
+    want = norm(m) + R
+    live = torch.arange(d) != 5
+    cos = torch.nn.functional.cosine_similarity(out[:, live], want[:, live])
+    assert torch.allclose(cos, torch.ones(4), atol=1e-4)
+    with pytest.raises(FactEditError, match="not an RMS norm"):
+        common.through_post_norm(torch.nn.LayerNorm(d), m, R)  # mean-centred: not of the form g ⊙ x / rms(x)
+
+
+def test_memit_maps_the_residual_through_gemmas_post_mlp_norm(corpus, monkeypatch):
+    import dataclasses
+
+    lm = tiny_lm("gemma3")
+    assert lm.arch.mlp_post_norm == "post_feedforward_layernorm"
+    site = lm.arch.block_path(2)
+    # a z* within what one normalised MLP output can reach (it has a fixed scale): a small clamp
+    kw = strong(corpus, layers=(2,), mom2_update_weight=1e-6, clamp_norm_factor=0.15)
+
+    def dist(arch):
+        monkeypatch.setattr(lm, "arch", arch)
+        ed = get_editor("memit", lm, **kw)
+        patch = ed.compute(lm, REQ)
+        z = common.compute_z(lm, REQ, ed.templates, site, _z_settings(ed.config), progress=False)[0]
+        h0 = common.site_values(lm, REQ, site)
+        with patch.apply(lm):
+            h1 = common.site_values(lm, REQ, site)
+        return float((h1 - z).norm() / (h0 - z).norm())
+
+    mapped = dist(lm.arch)
+    plain = dist(dataclasses.replace(lm.arch, mlp_post_norm=None))  # MEMIT's residual taken as it is
+    assert mapped < 0.5 and mapped < 0.6 * plain, (mapped, plain)  # measured 0.41 vs 0.75
+
+
 def test_alphaedit_update_lies_in_the_null_space(corpus):
     lm = tiny_lm("llama")
     ed = get_editor("alphaedit", lm, **strong(corpus, nullspace_mode="relative", nullspace_threshold=0.05, L2=0.1))

@@ -27,6 +27,9 @@ class ArchRecord:
     embed: str  # token embedding
     head: str = "lm_head"
     layout: str = "linear"  # "linear": weight is (out, in); "conv1d": GPT-2 Conv1D stores (in, out)
+    # a norm applied to the MLP's output before it joins the residual stream (Gemma 2/3:
+    # post_feedforward_layernorm), relative to a block; None when the MLP output is added as it is
+    mlp_post_norm: str | None = None
 
     def block_path(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -36,6 +39,9 @@ class ArchRecord:
 
     def mlp_in_path(self, layer: int) -> str:
         return f"{self.blocks}.{layer}.{self.mlp_in}"
+
+    def mlp_post_norm_path(self, layer: int) -> str | None:
+        return f"{self.blocks}.{layer}.{self.mlp_post_norm}" if self.mlp_post_norm else None
 
 
 _LLAMA_LIKE = dict(
@@ -55,9 +61,12 @@ def register_arch(model_type: str, record: ArchRecord) -> None:
     _RECORDS[model_type] = record
 
 
-for _t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3",
-           "olmo", "olmo2", "granite", "smollm3"):
+for _t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "granite", "smollm3"):
     register_arch(_t, ArchRecord(family=_t, **_LLAMA_LIKE))
+# Gemma 2/3 and OLMo 2 normalise the MLP output before adding it to the residual stream
+for _t in ("gemma2", "gemma3", "gemma3_text"):
+    register_arch(_t, ArchRecord(family=_t, **_LLAMA_LIKE, mlp_post_norm="post_feedforward_layernorm"))
+register_arch("olmo2", ArchRecord(family="olmo2", **_LLAMA_LIKE, mlp_post_norm="post_feedforward_layernorm"))
 register_arch(
     "gpt2",
     ArchRecord(family="gpt2", blocks="transformer.h", mlp_out="mlp.c_proj", mlp_in="mlp.c_fc",
@@ -100,7 +109,10 @@ def _probe(model: nn.Module) -> ArchRecord | None:
             for p in (rec.mlp_out_path(0), rec.mlp_in_path(0), f"{rec.blocks}.0.{rec.attn_out}", rec.final_norm,
                       rec.embed):
                 model.get_submodule(p)
-            return ArchRecord(**{**rec.__dict__, "family": f"{rec.family}-like"})
+            post = rec.mlp_post_norm
+            if post is None and hasattr(model.get_submodule(f"{rec.blocks}.0"), "post_feedforward_layernorm"):
+                post = "post_feedforward_layernorm"  # a norm after the MLP (Gemma 2/3 style)
+            return ArchRecord(**{**rec.__dict__, "family": f"{rec.family}-like", "mlp_post_norm": post})
         except AttributeError:
             continue
     return None

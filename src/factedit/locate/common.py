@@ -290,6 +290,53 @@ def site_values(lm: LM, requests: Sequence[EditRequest], site_path: str) -> torc
                       [r.prompt.index(r.subject) for r in requests], {0: site_path}, "output")[0]
 
 
+def rms_gain(norm: nn.Module, d: int, like: torch.Tensor) -> torch.Tensor:
+    """The gain g of an RMS norm n(x) = g ⊙ x / sqrt(mean(x²) + eps), read by probing it (Gemma's
+    (1 + weight), OLMo 2's weight alike); refused for a norm that is not of that form."""
+    with torch.no_grad():
+        ones = torch.ones(1, d, dtype=like.dtype, device=like.device)
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        g = norm(ones)[0].double() * (1.0 + eps) ** 0.5
+        x = torch.linspace(-2.0, 3.0, d, dtype=like.dtype, device=like.device)[None]
+        want = g * x[0].double() / (x[0].double().pow(2).mean() + eps).sqrt()
+        got = norm(x)[0].double()
+        if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max())):
+            raise FactEditError(f"the norm after the MLP ({type(norm).__name__}) is not an RMS norm with a gain; "
+                                "the residual cannot be mapped through it")
+    return g
+
+
+def through_post_norm(norm: nn.Module, m: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """For blocks that normalise the MLP output before adding it to the residual stream (Gemma 2/3,
+    OLMo 2): the change of the out-projection's output m (u × d) that moves the block output by R.
+
+    The block adds n(m) = g ⊙ m / rms(m). For the wanted t = n(m) + R, the live coordinates (g ≠ 0) of m*
+    must be r·t/g with r = rms(m*); the coordinates with a zero gain cannot be moved and keep m's values
+    (their sum of squares a). Then r² (d − ‖t/g‖²) = a: where that gives an r within a factor 4 of rms(m),
+    m* reaches t exactly. Otherwise t is out of reach (the norm fixes the output's scale) and m* takes t's
+    direction at m's rms, so n(m*) = κ t for a κ > 0. MEMIT's spreading recomputes the remaining residual
+    at every layer, so what one layer cannot reach passes to the next.
+    """
+    g = rms_gain(norm, m.shape[-1], m)
+    md = m.double()
+    d = m.shape[-1]
+    with torch.no_grad():
+        t = norm(m).double() + R.double()
+    live = g.abs() > 1e-6 * float(g.abs().max())
+    u = torch.where(live, t, torch.zeros_like(t)) / torch.where(live, g, torch.ones_like(g))
+    a = torch.where(live, torch.zeros_like(md), md).pow(2).sum(-1, keepdim=True)
+    r0 = md.pow(2).mean(-1, keepdim=True).sqrt()
+    uu = u.pow(2).sum(-1, keepdim=True)
+    room = d - uu
+    r_exact = (a / room.clamp(min=1e-24)).sqrt()
+    exact = (room > 0) & (r_exact > r0 / 4) & (r_exact < 4 * r0)
+    # otherwise: m*_live = r0·κ·u with ‖r0 κ u‖² + a = d r0² (m's rms kept)
+    kappa = ((d * r0.pow(2) - a).clamp(min=0) / (r0.pow(2) * uu).clamp(min=1e-24)).sqrt()
+    scale = torch.where(exact, r_exact, r0 * kappa)
+    target = torch.where(live, u * scale, md)
+    return target - md
+
+
 def head_logits(lm: LM, x: torch.Tensor) -> torch.Tensor:
     """The model's LM head on final-norm outputs x (N, d), with the family's soft-capping if any."""
     logits = lm.model.get_output_embeddings()(x)

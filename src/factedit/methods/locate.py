@@ -242,6 +242,10 @@ class MEMITEditor(LocateEditor):
     def _spread(self, lm: LM, requests, zs: torch.Tensor, factors: dict) -> dict[int, torch.Tensor]:
         """MEMIT §0.4: for each layer ascending, residual (z* − h_L)/(layers left), solve, apply.
 
+        Where the block normalises the MLP output before adding it (Gemma 2/3), the residual is mapped
+        through that norm first (``common.through_post_norm``); MEMIT's derivation assumes the MLP output
+        joins the residual stream as it is.
+
         Returns the keys used per layer. A layer's keys (its out-projection's input) depend only on the
         layers below it, all already edited when they are read, so they are also the keys of the fully
         edited model: what C_p accumulates on commit."""
@@ -254,6 +258,12 @@ class MEMITEditor(LocateEditor):
                 K = walker.keys(l)
                 cur = common.site_values(lm, requests, zl)
             R = (zs - cur) / (len(layers) - i)
+            post = lm.arch.mlp_post_norm_path(l)
+            if post is not None:  # Gemma 2/3: the MLP output is normalised before the residual add
+                with torch.no_grad():
+                    mod = lm.model.get_submodule(lm.arch.mlp_out_path(l))
+                    m = mod(K.to(device=lm.device, dtype=next(mod.parameters()).dtype)).float().cpu()
+                    R = common.through_post_norm(lm.model.get_submodule(post), m.to(lm.device), R.to(lm.device)).float().cpu()
             with self._phase("solve"):
                 U, V = self._layer_update(lm, l, K, R)
                 self._add(lm, l, U, V)
