@@ -69,3 +69,43 @@ def test_batched_sampling_matches_one_prompt_at_a_time(family):
                             batch_size=2)
         assert many == one
     assert sample_batch(lm, ["a b c d e f g h i j k l m n o p"], max_length=3) == [""]
+
+
+def _manual_ppl(lm, windows):
+    import torch
+
+    nll, n = 0.0, 0
+    for w, scored_from in windows:
+        x = torch.tensor([w])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(input_ids=x).logits[0].float(), -1)
+        for i in range(scored_from, len(w)):
+            nll -= float(logp[i - 1, w[i]])
+            n += 1
+    return math.exp(nll / n)
+
+
+def test_perplexity_windows_start_like_a_text():
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from factedit.eval.scoring import perplexity
+    from tiny import CORPUS, tiny_tokenizer
+
+    lm = tiny_lm("llama")
+    text = " ".join(CORPUS)
+    ids = list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])[:20]
+    # no BOS (SmolLM2-like): plain windows of 8, the first token of each is context only
+    want = _manual_ppl(lm, [(ids[s : s + 8], 1) for s in range(0, 19, 8)])
+    assert perplexity(lm, text, max_tokens=20, window=8) == pytest.approx(want, rel=1e-5)
+    # a tokenizer that starts every text with BOS (Gemma-like): every window starts with it, all of the
+    # text's tokens are scored
+    base = tiny_tokenizer()
+    tk = base.backend_tokenizer.__class__.from_str(base.backend_tokenizer.to_str())
+    bos = base.convert_tokens_to_ids("<|endoftext|>")
+    tk.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    lm.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                           pad_token="<|endoftext|>")
+    assert lm.tokenizer("Paris")["input_ids"][0] == bos
+    want = _manual_ppl(lm, [([bos] + ids[s : s + 7], 1) for s in range(0, 20, 7)])
+    assert perplexity(lm, text, max_tokens=20, window=8) == pytest.approx(want, rel=1e-5)

@@ -56,14 +56,31 @@ def score_targets(lm: LM, prompts: list[str], targets: list[str], batch_size: in
 
 
 @torch.no_grad()
+def _prefix(tok) -> list[int]:
+    """The ids the tokenizer puts before every text (Gemma's / Llama's BOS; none for SmolLM2)."""
+    probe = "a b"
+    full, bare = encode(tok, probe), list(tok(probe, add_special_tokens=False)["input_ids"])
+    n = len(full) - len(bare)
+    return full[:n] if n > 0 and full[n:][: len(bare)] == bare else []
+
+
 def perplexity(lm: LM, text: str, max_tokens: int = 16384, window: int = 512) -> float:
-    """Token perplexity of the first ``max_tokens`` tokens of ``text`` in non-overlapping windows."""
-    ids = encode(lm.tokenizer, text[: max_tokens * 8])[:max_tokens]
-    if len(ids) < 2:
+    """Token perplexity of the first ``max_tokens`` tokens of ``text`` in non-overlapping windows.
+
+    Every window starts the way the tokenizer starts a text: with BOS where it adds one (Gemma degrades
+    badly without it), which is then context, not scored. Without a BOS (SmolLM2) the first token of
+    each window is context only."""
+    tok = lm.tokenizer
+    pre = _prefix(tok)
+    body = list(tok(text[: max_tokens * 8], add_special_tokens=False)["input_ids"])[:max_tokens]
+    if len(body) < 2:
         raise ValueError("perplexity text is empty")
+    step = window - len(pre)
+    if step < 2:
+        raise ValueError(f"perplexity window {window} is too short")
     nll, count = 0.0, 0
-    for s in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([ids[s : s + window]], device=lm.device)  # (1, W)
+    for s in range(0, len(body) - (0 if pre else 1), step):
+        chunk = torch.tensor([pre + body[s : s + step]], device=lm.device)  # (1, W)
         if chunk.shape[1] < 2:
             break
         with lm.prompt_context(torch.tensor([chunk.shape[1]])):
