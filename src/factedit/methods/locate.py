@@ -224,9 +224,30 @@ class MEMITEditor(LocateEditor):
         return bool(getattr(self.config, "accumulate", True))  # AlphaEdit / NSE configs have no switch: always
 
     def _z(self, lm: LM, requests) -> tuple[torch.Tensor, list[dict]]:
-        site = lm.arch.block_path(self.loss_layer_z(lm))
-        return common.compute_z(lm, requests, self._templates(lm), site, _z_settings(self.config),
-                                cache=self.config.z_cache)
+        """z* at the last edited layer's block output, one per request (at its bare prompt).
+
+        Where that block normalises its MLP output before the residual add (Gemma 2/3, OLMo 2), the
+        MLP can move the block output only within the norm's reach (a fixed scale, dominated on Gemma by
+        a few large-gain coordinates), and a free δ at the block output asks for changes no MLP can
+        make. There δ is optimised at the last layer's out-projection output instead (ROME's site, same
+        loss), which that layer can always reach, and z* = h_L + n(v*) − n(m) at the bare prompt."""
+        L = self.loss_layer_z(lm)
+        post = lm.arch.mlp_post_norm_path(L)
+        settings, templates = _z_settings(self.config), self._templates(lm)
+        if post is None:
+            return common.compute_z(lm, requests, templates, lm.arch.block_path(L), settings,
+                                    cache=self.config.z_cache)
+        mlp = lm.arch.mlp_out_path(L)
+        v, infos = common.compute_z(lm, requests, templates, mlp, settings, cache=self.config.z_cache)
+        if not requests:
+            return v, infos
+        with torch.no_grad():
+            m = common.site_values(lm, requests, mlp)
+            h = common.site_values(lm, requests, lm.arch.block_path(L))
+            norm = lm.model.get_submodule(post)
+            dtype = next(norm.parameters()).dtype
+            dn = norm(v.to(lm.device, dtype)).float() - norm(m.to(lm.device, dtype)).float()
+        return (h.float() + dn.cpu()).to(h.dtype), infos
 
     def loss_layer_z(self, lm: LM) -> int:
         return self.edit_layers()[-1]  # MEMIT: z* lives at the last edited layer's output
