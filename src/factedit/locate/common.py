@@ -306,16 +306,43 @@ def rms_gain(norm: nn.Module, d: int, like: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def _ellipsoid_point(g: torch.Tensor, t: torch.Tensor, target: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """Per row: the v minimising ‖g ⊙ v − t‖ subject to ‖v‖² = target (g: (d,), t: (u, d), target:
+    (u, 1)). Stationary points are v = g t / (g² + μ); ‖v(μ)‖² falls as μ rises on (−min g², ∞), so μ is
+    found by bisection there (the global minimiser lies on that branch)."""
+    g2 = g.pow(2)[None]
+    gt = g[None] * t
+
+    def size(mu):
+        return (gt / (g2 + mu)).pow(2).sum(-1, keepdim=True)
+
+    lo = torch.full_like(target, -float(g2.min())) * (1 - 1e-9)
+    hi = torch.ones_like(target)
+    for _ in range(200):  # grow the upper end until the size drops below the target
+        over = size(hi) > target
+        if not bool(over.any()):
+            break
+        hi = torch.where(over, hi * 4, hi)
+    lo = torch.where(size(torch.zeros_like(target)) > target, torch.zeros_like(target), lo)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        big = size(mid) > target
+        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    return gt / (g2 + (lo + hi) / 2)
+
+
 def through_post_norm(norm: nn.Module, m: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """For blocks that normalise the MLP output before adding it to the residual stream (Gemma 2/3,
     OLMo 2): the change of the out-projection's output m (u × d) that moves the block output by R.
 
-    The block adds n(m) = g ⊙ m / rms(m). For the wanted t = n(m) + R, the live coordinates (g ≠ 0) of m*
-    must be r·t/g with r = rms(m*); the coordinates with a zero gain cannot be moved and keep m's values
-    (their sum of squares a). Then r² (d − ‖t/g‖²) = a: where that gives an r within a factor 4 of rms(m),
-    m* reaches t exactly. Otherwise t is out of reach (the norm fixes the output's scale) and m* takes t's
-    direction at m's rms, so n(m*) = κ t for a κ > 0. MEMIT's spreading recomputes the remaining residual
-    at every layer, so what one layer cannot reach passes to the next.
+    The block adds n(m) = g ⊙ m / rms(m), so it can only output g ⊙ v with ‖v‖² fixed by the scale (d
+    when every gain is non-zero). Coordinates with a zero gain cannot be moved and keep m's values (their
+    sum of squares a). For the wanted t = n(m) + R: where some scale r within a factor 4 of rms(m) reaches
+    t exactly (r² (d − ‖t/g‖²) = a), m* = r·t/g. Otherwise m* = rms(m)·v with v the point of the
+    reachable ellipsoid {g ⊙ v : ‖v‖² = ‖m_live‖²/rms(m)²} closest to t: components along the large-gain
+    coordinates (Gemma's massive activations) stay where they are unless R asks to move them. MEMIT's
+    spreading recomputes the remaining residual at every layer, so what one layer cannot reach passes to
+    the next.
     """
     g = rms_gain(norm, m.shape[-1], m)
     md = m.double()
@@ -323,17 +350,18 @@ def through_post_norm(norm: nn.Module, m: torch.Tensor, R: torch.Tensor) -> torc
     with torch.no_grad():
         t = norm(m).double() + R.double()
     live = g.abs() > 1e-6 * float(g.abs().max())
-    u = torch.where(live, t, torch.zeros_like(t)) / torch.where(live, g, torch.ones_like(g))
+    gl = torch.where(live, g, torch.ones_like(g))
+    tl = torch.where(live, t, torch.zeros_like(t))
+    u = tl / gl
     a = torch.where(live, torch.zeros_like(md), md).pow(2).sum(-1, keepdim=True)
-    r0 = md.pow(2).mean(-1, keepdim=True).sqrt()
-    uu = u.pow(2).sum(-1, keepdim=True)
-    room = d - uu
+    r0 = md.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-12)
+    room = d - u.pow(2).sum(-1, keepdim=True)
     r_exact = (a / room.clamp(min=1e-24)).sqrt()
     exact = (room > 0) & (r_exact > r0 / 4) & (r_exact < 4 * r0)
-    # otherwise: m*_live = r0·κ·u with ‖r0 κ u‖² + a = d r0² (m's rms kept)
-    kappa = ((d * r0.pow(2) - a).clamp(min=0) / (r0.pow(2) * uu).clamp(min=1e-24)).sqrt()
-    scale = torch.where(exact, r_exact, r0 * kappa)
-    target = torch.where(live, u * scale, md)
+    # the closest reachable output at m's own scale: ‖v_live‖² = (d r0² − a) / r0²
+    size = ((d * r0.pow(2) - a).clamp(min=0) / r0.pow(2))
+    v = _ellipsoid_point(torch.where(live, g, torch.zeros_like(g)), tl, size)
+    target = torch.where(live, torch.where(exact, u * r_exact, v * r0), md)
     return target - md
 
 
