@@ -283,8 +283,9 @@ class MEMITEditor(LocateEditor):
             if post is not None:  # Gemma 2/3: the MLP output is normalised before the residual add
                 with torch.no_grad():
                     mod = lm.model.get_submodule(lm.arch.mlp_out_path(l))
-                    m = mod(K.to(device=lm.device, dtype=next(mod.parameters()).dtype)).float().cpu()
-                    R = common.through_post_norm(lm.model.get_submodule(post), m.to(lm.device), R.to(lm.device)).float().cpu()
+                    m = mod(K.to(device=lm.device, dtype=next(mod.parameters()).dtype)).float()
+                    norm = lm.model.get_submodule(post)
+                    R = common.through_post_norm(norm, m, R.to(lm.device)).float().cpu()
             with self._phase("solve"):
                 U, V = self._layer_update(lm, l, K, R)
                 self._add(lm, l, U, V)
