@@ -109,3 +109,15 @@ def test_perplexity_windows_start_like_a_text():
     assert lm.tokenizer("Paris")["input_ids"][0] == bos
     want = _manual_ppl(lm, [([bos] + ids[s : s + 7], 1) for s in range(0, 20, 7)])
     assert perplexity(lm, text, max_tokens=20, window=8) == pytest.approx(want, rel=1e-5)
+
+
+def test_perplexity_builds_no_autograd_graph(monkeypatch):
+    from factedit.eval.scoring import perplexity
+    from tiny import CORPUS
+
+    lm = tiny_lm("llama")
+    seen = []
+    h = lm.model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits.requires_grad))
+    perplexity(lm, " ".join(CORPUS), max_tokens=20, window=8)
+    h.remove()
+    assert seen and not any(seen)

@@ -55,7 +55,6 @@ def score_targets(lm: LM, prompts: list[str], targets: list[str], batch_size: in
     return out  # type: ignore[return-value]
 
 
-@torch.no_grad()
 def _prefix(tok) -> list[int]:
     """The ids the tokenizer puts before every text (Gemma's / Llama's BOS; none for SmolLM2)."""
     probe = "a b"
@@ -64,6 +63,7 @@ def _prefix(tok) -> list[int]:
     return full[:n] if n > 0 and full[n:][: len(bare)] == bare else []
 
 
+@torch.no_grad()
 def perplexity(lm: LM, text: str, max_tokens: int = 16384, window: int = 512) -> float:
     """Token perplexity of the first ``max_tokens`` tokens of ``text`` in non-overlapping windows.
 
