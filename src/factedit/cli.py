@@ -198,6 +198,7 @@ def cmd_trace(args) -> int:
              for c in cases]
     lm = load_lm(args.model)
     t0 = time.perf_counter()
+    idx, scanned = list(range(len(facts))), len(facts)  # the records traced (indices into the file)
     if known:
         idx = known_facts(lm, facts, args.limit)
         scanned = idx[-1] + 1 if len(idx) >= args.limit else len(facts)
@@ -208,9 +209,7 @@ def cmd_trace(args) -> int:
         facts = [facts[i] for i in idx]
     res = trace(lm, facts, kinds, samples=args.samples, window=args.window, noise_factor=args.noise, seed=args.seed)
     res.update({"model": lm.name, "fingerprint": lm.fingerprint, "bench": args.bench, "answer": args.answer,
-                "records": idx if known else list(range(len(facts))),  # indices into the benchmark file
-                "case_ids": [cases[i].request.case_id for i in (idx if known else range(len(facts)))],
-                "scanned": scanned if known else len(facts),
+                "records": idx, "case_ids": [cases[i].request.case_id for i in idx], "scanned": scanned,
                 "seconds": round(time.perf_counter() - t0, 1)})
     m = res["mean"]
     cols = [(k, pos) for pos in ("subject_last", "last") for k in kinds]

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import FactEditError
+from ..lm.batch import batch_logits, make_batch
 from ..lm.load import LM
 from ..lm.tokens import encode, encode_target, subject_last_index
 from .common import _first
@@ -161,21 +162,16 @@ def known_facts(lm: LM, facts: Sequence[Fact], limit: int | None = None, batch: 
     for i, f in enumerate(facts):
         if f.answer is None:
             raise FactEditError(f"known_facts: fact {i} ({f.prompt!r}) has no answer to compare with")
-    tok, dev = lm.tokenizer, lm.device
     keep: list[int] = []
     for b0 in range(0, len(facts), batch):
         chunk = facts[b0 : b0 + batch]
-        pairs = [encode_target(tok, f.prompt, f.answer) for f in chunk]
-        T = max(len(p) for p, _ in pairs)
-        ids = torch.full((len(chunk), T), tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros(len(chunk), T, dtype=torch.long)
-        for r, (p, _) in enumerate(pairs):  # left-aligned; each row read at its own last prompt token
-            ids[r, : len(p)], mask[r, : len(p)] = torch.tensor(p), 1
-        logits = lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
-        last = torch.tensor([len(p) - 1 for p, _ in pairs], device=dev)
-        pred = logits[torch.arange(len(chunk), device=dev), last].argmax(-1).tolist()
-        for r, (_, t) in enumerate(pairs):
-            if pred[r] == t[0]:
+        tb = make_batch(lm, [f.prompt for f in chunk], [f.answer for f in chunk])
+        logits, labels = batch_logits(lm, tb)  # only the positions that predict an answer token
+        first = (labels >= 0).int().argmax(1)  # each row's first answer position
+        rows = torch.arange(len(chunk), device=labels.device)
+        hit = (logits[rows, first].argmax(-1) == labels[rows, first]).tolist()
+        for r, ok in enumerate(hit):
+            if ok:
                 keep.append(b0 + r)
                 if limit is not None and len(keep) >= limit:
                     return keep
