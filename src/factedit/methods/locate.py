@@ -242,8 +242,10 @@ class MEMITEditor(LocateEditor):
         if not requests:
             return v, infos
         with torch.no_grad():
-            m = common.site_values(lm, requests, mlp)
-            h = common.site_values(lm, requests, lm.arch.block_path(L))
+            got = common.capture_at(lm, [r.prompt for r in requests], [r.subject for r in requests],
+                                    [r.prompt.index(r.subject) for r in requests],
+                                    {"m": mlp, "h": lm.arch.block_path(L)}, "output")  # one forward for both
+            m, h = got["m"], got["h"]
             norm = lm.model.get_submodule(post)
             dtype = next(norm.parameters()).dtype
             dn = norm(v.to(lm.device, dtype)).float() - norm(m.to(lm.device, dtype)).float()
