@@ -8,8 +8,10 @@ PY=".venv/bin/python"; [ -x "$PY" ] || PY=python
 OUT=${OUT:-runs}
 N=${N:-1000}
 EV="--set eval.fluency_cases=10"
-$F -q stats --layers 3-8 --tokens 200000 --nullspace 0.02 --nullspace-mode absolute
-$F -q trace --limit 50 --out bench/results/trace-smollm2.json
+$F -q stats --layers 1-8 --tokens 200000 --nullspace 0.02 --nullspace-mode absolute
+$F -q stats --model gemma3-270m --layers 1-7 --tokens 200000 --nullspace 0.02 --nullspace-mode absolute
+$F -q trace --model smollm2-135m --answer known --limit 30 --samples 5 --window 6 --out bench/results/trace-smollm2-135m.json
+$F -q trace --model gemma3-270m --answer known --limit 30 --samples 5 --window 4 --out bench/results/trace-gemma3-270m.json
 $PY bench/zstar_speed.py --n 4 --batch 4 --paths straightforward,optimised --out bench/results/zstar_speed.json
 # the unedited model's records, computed once and shared by every run below (--pre-from)
 $F -q eval --method memit --bench counterfact --limit $N --pre-only --out $OUT/pre-cf$N $EV
@@ -27,3 +29,5 @@ done
 for m in rome memit alphaedit nse; do
   $F -q eval --method $m --bench zsre --limit 100 --mode batch --out $OUT/$m-zsre100 --pre-from $OUT/pre-zsre100 $EV
 done
+# paired comparison of the sequential runs (McNemar on per-case specificity)
+$PY bench/compare_runs.py $OUT/alphaedit-seq$N $OUT/nse-seq$N $OUT/memit-seq$N --out bench/results/compare-seq$N.json
