@@ -13,13 +13,15 @@ compared by sign of the per-record difference.
 import argparse
 import json
 import math
-import os
-import tempfile
 from itertools import combinations
 from pathlib import Path
 
+from factedit.fsutil import write_json
+
 
 def load_cases(run: Path) -> dict[int, dict]:
+    # Strict on purpose, unlike fsutil.read_jsonl (the harness's resume reader, which drops and truncates a
+    # torn last line): a comparison must not silently lose records or modify the run folder it reads.
     path = run / "cases.jsonl"
     if not path.exists():
         raise SystemExit(f"{path}: not found (is {run} a finished `factedit eval` run?)")
@@ -82,11 +84,7 @@ def main() -> None:
         print(f"  {p['metric']}: {p['a']} better on {p['a_better']}, {p['b']} better on {p['b_better']}, "
               f"p = {p['p_two_sided']:.2g}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, res)
 
 
 if __name__ == "__main__":

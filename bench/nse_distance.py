@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from factedit import get_editor
+from factedit.fsutil import write_json
 from factedit.lm.load import load_lm
 from factedit.locate import common
 from factedit.methods.base import frozen
@@ -67,7 +68,7 @@ def main():
                          "z_loss": infos[i].get("loss")} for i in torch.nonzero(~ok).flatten().tolist()]}
     print(json.dumps(out, indent=1))
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        write_json(args.out, out)
 
 
 if __name__ == "__main__":

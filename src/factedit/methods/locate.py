@@ -249,7 +249,7 @@ class MEMITEditor(LocateEditor):
             norm = lm.model.get_submodule(post)
             dtype = next(norm.parameters()).dtype
             dn = norm(v.to(lm.device, dtype)).float() - norm(m.to(lm.device, dtype)).float()
-        return (h.float() + dn.cpu()).to(h.dtype), infos
+        return h + dn.cpu(), infos  # capture_at returns float32 on the CPU
 
     def loss_layer_z(self, lm: LM) -> int:
         return self.edit_layers()[-1]  # MEMIT: z* lives at the last edited layer's output
