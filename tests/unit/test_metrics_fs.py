@@ -121,3 +121,72 @@ def test_perplexity_builds_no_autograd_graph(monkeypatch):
     perplexity(lm, " ".join(CORPUS), max_tokens=20, window=8)
     h.remove()
     assert seen and not any(seen)
+
+
+PACK_PROMPTS = ["The Eiffel Tower is in", "The Eiffel Tower is in", "Big Ben is located in the city of",
+                "Paris", "The Eiffel Tower is in", "Big Ben is located in the city of", "Toko Yasuda plays the"]
+PACK_TARGETS = ["Paris", "Rome , Italy", "London", "is a city in Europe", "the capital of France", "Rome",
+                "guitar"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "qwen2", "mistral", "gemma3"])
+def test_packed_scoring_equals_one_row_per_target(family):
+    """All targets of a prompt in one row (block mask) score as separate rows do, across families."""
+    from factedit.eval.scoring import packable, score_targets
+
+    lm = tiny_lm(family)
+    assert packable(lm)
+    for bs in (1, 2, 32):
+        sep = score_targets(lm, PACK_PROMPTS, PACK_TARGETS, batch_size=bs, pack=False)
+        pk = score_targets(lm, PACK_PROMPTS, PACK_TARGETS, batch_size=bs, pack=True)
+        for a, b in zip(sep, pk):
+            assert b.argmax == a.argmax and b.token_acc == a.token_acc
+            assert b.nll == pytest.approx(a.nll, rel=1e-5, abs=1e-5)
+
+
+def test_packed_scoring_runs_each_prompt_once_and_only_on_plain_models():
+    from factedit.eval.scoring import packable, score_targets
+
+    lm = tiny_lm("llama")
+    seen = []
+    h = lm.model.model.layers[0].register_forward_hook(lambda _m, _a, out: seen.append(out[0].shape[0]
+                                                       if isinstance(out, tuple) else out.shape[0]))
+    try:
+        assert not packable(lm)  # a hooked module may read the whole row: separate rows
+        score_targets(lm, PACK_PROMPTS, PACK_TARGETS, batch_size=32)
+        assert seen == [len(PACK_PROMPTS)]
+    finally:
+        h.remove()
+    assert packable(lm)
+    calls = []
+    real = lm.model.forward
+
+    def spy(*a, **k):
+        calls.append(k["input_ids"].shape[0])
+        return real(*a, **k)
+
+    lm.model.forward = spy
+    try:
+        score_targets(lm, PACK_PROMPTS, PACK_TARGETS, batch_size=32)
+    finally:
+        del lm.model.forward
+    assert calls == [len(set(PACK_PROMPTS))]  # one row per distinct prompt
+
+
+def test_packed_scoring_falls_back_beyond_a_sliding_window(monkeypatch):
+    """Gemma 3's sliding-window layers need their own mask: a packed row longer than the window is
+    scored as separate rows (tiny Gemma 3: window 16)."""
+    from factedit.eval import scoring
+    from factedit.eval.scoring import score_targets
+
+    lm = tiny_lm("gemma3")
+    long = "The Eiffel Tower is in Paris . The Colosseum is in Rome . Big Ben is in London . The capital of"
+    prompts, targets = [long, long], ["Italy is Rome", "France"]
+    sep = score_targets(lm, prompts, targets, pack=False)
+    pk = score_targets(lm, prompts, targets, pack=True)
+    for a, b in zip(sep, pk):
+        assert b.argmax == a.argmax and b.nll == pytest.approx(a.nll, rel=1e-5, abs=1e-5)
+    # the fallback matters: one block mask for all layers would let the sliding layers see too far
+    monkeypatch.setattr(scoring, "_window_limit", lambda _lm: None)
+    wrong = score_targets(lm, prompts, targets, pack=True)
+    assert max(abs(a.nll - b.nll) for a, b in zip(sep, wrong)) > 1e-4
