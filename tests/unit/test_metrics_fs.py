@@ -171,6 +171,14 @@ def test_packed_scoring_runs_each_prompt_once_and_only_on_plain_models():
     finally:
         del lm.model.forward
     assert calls == [len(set(PACK_PROMPTS))]  # one row per distinct prompt
+    cfg = lm.model.config
+    old = cfg._attn_implementation
+    cfg._attn_implementation_internal = "flash_attention_2"  # takes padding masks only, not a block mask
+    try:
+        assert not packable(lm)
+    finally:
+        cfg._attn_implementation_internal = old
+    assert packable(lm)
 
 
 def test_packed_scoring_falls_back_beyond_a_sliding_window(monkeypatch):

@@ -68,7 +68,11 @@ def score_targets(lm: LM, prompts: list[str], targets: list[str], batch_size: in
 def packable(lm: LM) -> bool:
     """Whether targets may share their prompt's row: only for a model without forward hooks. A hooked
     module (a module patch, an intervention) may read the whole input, e.g. pool over it, and would
-    then see the other targets too; edited weights act token by token and are safe."""
+    then see the other targets too; edited weights act token by token and are safe. And only with
+    attention kernels that take an arbitrary mask (``sdpa``, ``eager``; flash-attention takes padding
+    masks only)."""
+    if getattr(lm.model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
 
 
