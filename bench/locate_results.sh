@@ -13,6 +13,11 @@ $F -q stats --model gemma3-270m --layers 1-7 --tokens 200000 --nullspace 0.02 --
 $F -q trace --model smollm2-135m --answer known --limit 30 --samples 5 --window 6 --out bench/results/trace-smollm2-135m.json
 $F -q trace --model gemma3-270m --answer known --limit 30 --samples 5 --window 4 --out bench/results/trace-gemma3-270m.json
 $PY bench/zstar_speed.py --n 4 --batch 4 --paths straightforward,optimised --out bench/results/zstar_speed.json
+$PY bench/eval_speed.py --n 256 --repeats 2 --out bench/results/eval_speed.json
+# the 60-minute target, timed from scratch: no z* store, the pre-edit records computed in the run
+mkdir -p $OUT/empty-zstar
+FACTEDIT_ZSTAR_CACHE=$OUT/empty-zstar $F -q eval --method alphaedit --bench counterfact --limit $N --mode sequential \
+   --batch-size 100 --out $OUT/alphaedit-seq$N-scratch $EV --set z_batch=32
 # the unedited model's records, computed once and shared by every run below (--pre-from)
 $F -q eval --method memit --bench counterfact --limit $N --pre-only --out $OUT/pre-cf$N $EV
 $F -q eval --method memit --bench zsre --limit 100 --pre-only --out $OUT/pre-zsre100 $EV
