@@ -28,6 +28,22 @@ def test_model_knows_the_demo_facts_before_editing(smollm):
     assert m["specificity"] >= 80.0
 
 
+def test_packed_scoring_matches_separate_rows_on_the_real_model(smollm):
+    """The demo cases' probes (two targets per prompt, multi-token ones among them) score the same
+    packed as one row per target."""
+    from factedit.eval.metrics import _probes
+    from factedit.eval.scoring import packable, score_targets
+
+    flat = [p for c in demo_cases() for p in _probes(c, "counterfact")]
+    prompts, targets = [f[2] for f in flat], [f[3] for f in flat]
+    assert packable(smollm) and len(set(prompts)) < len(prompts)
+    sep = score_targets(smollm, prompts, targets, pack=False)
+    pk = score_targets(smollm, prompts, targets, pack=True)
+    for a, b in zip(sep, pk):
+        assert b.argmax == a.argmax and b.token_acc == a.token_acc
+        assert b.nll == pytest.approx(a.nll, rel=1e-5, abs=1e-4)
+
+
 @pytest.mark.parametrize("method", ["ft", "loreft"])
 def test_edit_demo_facts_with_preset(smollm, method, tmp_path):
     cases = demo_cases()
