@@ -90,7 +90,8 @@ def _score_packed(lm: LM, prompts: list[str], targets: list[str], batch_size: in
         groups.setdefault(p, []).append(i)
     # One row per distinct prompt: prompt ids, then for each of its targets the target's tokens but the
     # last (the first target token is predicted from the prompt's last position, shared by all targets).
-    rows = []  # (ids, segment id per column, position per column, [(pair, target ids, columns predicting them)])
+    # (ids, segment id per column, position per column, prompt length, [(pair, target ids, columns predicting them)])
+    rows = []
     for p, idx in groups.items():
         p_ids = encode(tok, p)
         ids, seg, pos, reads = list(p_ids), [0] * len(p_ids), list(range(len(p_ids))), []
@@ -101,7 +102,7 @@ def _score_packed(lm: LM, prompts: list[str], targets: list[str], batch_size: in
             seg += [j] * (len(t_ids) - 1)
             pos += [len(p_ids) + k for k in range(len(t_ids) - 1)]
             reads.append((i, t_ids, [len(p_ids) - 1] + [start + k for k in range(len(t_ids) - 1)]))
-        rows.append((ids, seg, pos, reads))
+        rows.append((ids, seg, pos, len(p_ids), reads))
     limit = _window_limit(lm)
     if limit is not None and any(max(r[2]) + 1 > limit for r in rows):
         return score_targets(lm, prompts, targets, batch_size, desc, pack=False)
@@ -113,26 +114,23 @@ def _score_packed(lm: LM, prompts: list[str], targets: list[str], batch_size: in
         part = [rows[r] for r in order[s : s + batch_size]]
         T = max(len(r[0]) for r in part)
         B = len(part)
-        ids = torch.full((B, T), tok.pad_token_id if tok.pad_token_id is not None else 0, dtype=torch.long)
-        seg = torch.full((B, T), -1, dtype=torch.long)
-        pos = torch.zeros((B, T), dtype=torch.long)
-        for b, (r_ids, r_seg, r_pos, _) in enumerate(part):
-            n = len(r_ids)
-            ids[b, :n], seg[b, :n], pos[b, :n] = torch.tensor(r_ids), torch.tensor(r_seg), torch.tensor(r_pos)
+        ids = pad_batch([r[0] for r in part], tok.pad_token_id if tok.pad_token_id is not None else 0)[0]
+        seg = pad_batch([r[1] for r in part], -1)[0]  # padding: segment -1, seen by no real column
+        pos = pad_batch([r[2] for r in part], 0)[0]
         col = torch.arange(T)
         # query q sees key k when k is not after q, k is real, and k is a prompt column or in q's own target
         see = (col[None, None, :] <= col[None, :, None]) & (seg[:, None, :] >= 0) \
             & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
         see |= torch.eye(T, dtype=torch.bool)[None]  # padding queries see themselves (no empty softmax rows)
         mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill(~see[:, None], neg)
-        first = min(r[3][0][2][0] for r in part)  # the earliest column any read needs
+        p_lens = torch.tensor([r[3] for r in part])
+        first = int(p_lens.min()) - 1  # the earliest column any read needs: the shortest prompt's last
         keep = T - first
-        p_lens = torch.tensor([r[3][0][2][0] + 1 for r in part])
         with lm.prompt_context(p_lens):
             logits = lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                               logits_to_keep=keep, use_cache=False).logits[:, -keep:]
         bi, ci, lab, who = [], [], [], []
-        for b, (_, _, _, reads) in enumerate(part):
+        for b, (_, _, _, _, reads) in enumerate(part):
             for i, t_ids, cols in reads:
                 bi += [b] * len(cols)
                 ci += [c - first for c in cols]
