@@ -14,17 +14,18 @@ $F -q trace --model smollm2-135m --answer known --limit 30 --samples 5 --window 
 $F -q trace --model gemma3-270m --answer known --limit 30 --samples 5 --window 4 --out bench/results/trace-gemma3-270m.json
 $PY bench/zstar_speed.py --n 4 --batch 4 --paths straightforward,optimised --out bench/results/zstar_speed.json
 $PY bench/eval_speed.py --n 256 --repeats 2 --out bench/results/eval_speed.json
+$PY bench/zstar_batch.py 100,32,100,32 100 200 bench/results/zstar_batch.json
 # the 60-minute target, timed from scratch: no z* store, the pre-edit records computed in the run
 mkdir -p $OUT/empty-zstar
 FACTEDIT_ZSTAR_CACHE=$OUT/empty-zstar $F -q eval --method alphaedit --bench counterfact --limit $N --mode sequential \
-   --batch-size 100 --out $OUT/alphaedit-seq$N-scratch $EV --set z_batch=32
+   --batch-size 100 --out $OUT/alphaedit-seq$N-scratch $EV --set z_batch=100
 # the unedited model's records, computed once and shared by every run below (--pre-from)
 $F -q eval --method memit --bench counterfact --limit $N --pre-only --out $OUT/pre-cf$N $EV
 $F -q eval --method memit --bench zsre --limit 100 --pre-only --out $OUT/pre-zsre100 $EV
 # sequential, rounds of 100, evaluated once at the end on all edited facts
 for m in alphaedit nse memit; do
   $F -q eval --method $m --bench counterfact --limit $N --mode sequential --batch-size 100 --out $OUT/$m-seq$N \
-     --pre-from $OUT/pre-cf$N $EV --set z_batch=32
+     --pre-from $OUT/pre-cf$N $EV --set z_batch=100
 done
 # batch, 100 facts at once
 for m in rome memit; do

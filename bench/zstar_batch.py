@@ -1,0 +1,56 @@
+"""z* batch size: seconds per request-step for one round of requests, batch sizes interleaved.
+
+    python bench/zstar_batch.py 100,32,100,32 100 200 bench/results/zstar_batch.json
+
+Computes z* (AlphaEdit's preset z* settings, site = block 7, the unedited SmolLM2-135M, no z* store)
+for the CounterFact-edit records [LO, HI) once per listed batch size, in the listed order, in one
+process: alternating the sizes spreads this VM's drift over both. The one-time mid-stack check runs
+before the timed calls. The result per batch size is the same within float tolerance (printed).
+"""
+
+import json
+import platform
+import sys
+import time
+import dataclasses
+
+import torch
+
+from factedit.data.counterfact import load_counterfact
+from factedit.data.paths import default_data_dir
+from factedit.lm.load import load_lm
+from factedit.locate import common
+from factedit.methods.locate import _z_settings
+from factedit.registry import get_editor_class
+
+
+def main():
+    sizes, lo, hi, out_path = [int(x) for x in sys.argv[1].split(",")], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    lm = load_lm("smollm2-135m")
+    data = default_data_dir() / "counterfact" / "counterfact-edit.json.gz"
+    reqs = [c.request for c in load_counterfact(data, limit=hi)][lo:hi]
+    ed = get_editor_class("alphaedit").create(lm)
+    tpl = ed._templates(lm)
+    s0 = _z_settings(ed.config)
+    site = lm.arch.block_path(7)
+    common.compute_z(lm, reqs[:2], tpl, site, dataclasses.replace(s0, steps=1), progress=False)  # one-time check
+    res, out = [], {}
+    for b in sizes:
+        t = time.perf_counter()
+        z, info = common.compute_z(lm, reqs, tpl, site, dataclasses.replace(s0, batch=b), progress=False)
+        dt = time.perf_counter() - t
+        rs = sum(i["steps"] + 1 for i in info)
+        res.append({"batch": b, "s": round(dt, 1), "request_steps": rs, "s_per_request_step": round(dt / rs, 4)})
+        print(res[-1], flush=True)
+        if out:
+            ref = next(iter(out.values()))
+            print("  max |z - z(first size)|:", float((z - ref).abs().max()))
+        out[b] = z
+    meta = {"records": [lo, hi], "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": platform.machine(), "processor": platform.processor()}
+    with open(out_path, "w") as f:
+        json.dump({"meta": meta, "runs": res}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
