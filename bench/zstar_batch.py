@@ -5,7 +5,8 @@
 Computes z* (AlphaEdit's preset z* settings, site = block 7, the unedited SmolLM2-135M, no z* store)
 for the CounterFact-edit records [LO, HI) once per listed batch size, in the listed order, in one
 process: alternating the sizes spreads this VM's drift over both. The one-time mid-stack check runs
-before the timed calls. The result per batch size is the same within float tolerance (printed).
+before the timed calls. The result per batch size is the same within float tolerance (printed). The
+JSON records the fp32 matmul peak measured at the end: this VM's speed varies by up to 1.5x between days.
 """
 
 import json
@@ -22,6 +23,7 @@ from factedit.lm.load import load_lm
 from factedit.locate import common
 from factedit.methods.locate import _z_settings
 from factedit.registry import get_editor_class
+from zstar_speed import cpu_name, matmul_peak  # bench/zstar_speed.py, beside this script
 
 
 def main():
@@ -47,7 +49,8 @@ def main():
             print("  max |z - z(first size)|:", float((z - ref).abs().max()))
         out[b] = z
     meta = {"records": [lo, hi], "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "machine": platform.machine(), "processor": platform.processor()}
+            "machine": platform.machine(), "cpu": cpu_name(),
+            "fp32_matmul_peak_gflops": round(matmul_peak(torch.float32) / 1e9, 1)}  # this VM's speed varies
     with open(out_path, "w") as f:
         json.dump({"meta": meta, "runs": res}, f, indent=1)
 
