@@ -13,8 +13,11 @@ $F -q stats --model gemma3-270m --layers 1-7 --tokens 200000 --nullspace 0.02 --
 $F -q trace --model smollm2-135m --answer known --limit 30 --samples 5 --window 6 --out bench/results/trace-smollm2-135m.json
 $F -q trace --model gemma3-270m --answer known --limit 30 --samples 5 --window 4 --out bench/results/trace-gemma3-270m.json
 $PY bench/zstar_speed.py --n 4 --batch 4 --paths straightforward,optimised --out bench/results/zstar_speed.json
+$PY bench/zstar_speed.py --n 8 --batch 8 --out bench/results/zstar_speed-amx.json
 $PY bench/eval_speed.py --n 256 --repeats 2 --out bench/results/eval_speed.json
 $PY bench/zstar_batch.py 100,32,100,32 100 200 bench/results/zstar_batch.json
+# bf16 autocast against fp32, alternating (session 11 ran these on a CPU with AMX: *-amx.json)
+$PY bench/zstar_batch.py 100,100bf16,100,100bf16 100 200 bench/results/zstar_bf16-amx.json
 # the 60-minute target, timed from scratch: no z* store, the pre-edit records computed in the run
 mkdir -p $OUT/empty-zstar
 FACTEDIT_ZSTAR_CACHE=$OUT/empty-zstar $F -q eval --method alphaedit --bench counterfact --limit $N --mode sequential \
