@@ -40,3 +40,6 @@ for m in rome memit alphaedit nse; do
 done
 # paired comparison of the sequential runs (McNemar on per-case specificity)
 $PY bench/compare_runs.py $OUT/alphaedit-seq$N $OUT/nse-seq$N $OUT/memit-seq$N --out bench/results/compare-seq$N.json
+# why NSE's efficacy stops near 91: per-round distances to z*, and efficacy with h_L set to z* (session 11)
+$PY bench/nse_distance.py $OUT/nse-seq$N $((N - 100)) $N --out bench/results/nse-distance-seq$N.json
+$PY bench/nse_oracle.py --n $N --rounds-of 100 --out bench/results/nse-oracle-seq$N.json
