@@ -282,6 +282,49 @@ def test_requests_leaving_the_batch_at_different_steps_keep_their_results():
     assert torch.allclose(z, zs, rtol=1e-4, atol=1e-4 * float(z.abs().max()))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_bf16_z_runs_the_mlps_and_head_in_bf16_and_the_rest_in_fp32(family):
+    """autocast=bf16: bf16 inside the MLPs and the LM head only, during the steps; z* stays close to fp32's,
+    and nothing (hooks, autocast) is left behind, also when a step raises."""
+    lm = tiny_lm(family)
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    T = ["{}", "The Paris . {}"]
+    site = lm.arch.block_path(1)
+    s = common.ZSettings(steps=8, lr=0.5, clamp_norm_factor=4.0, batch=8)
+    z32 = common.compute_z(lm, REQ, T, site, s, progress=False)[0]
+    blk = lm.model.get_submodule(lm.arch.block_path(2))
+    mlp = blk.get_submodule(lm.arch.mlp_out.rpartition(".")[0])
+    attn_out = blk.get_submodule(lm.arch.attn_out)
+    seen: dict = {"mlp": set(), "attn": set(), "head": set()}
+
+    def record(key):  # the optimisation steps only (grad on); the cached prefix is computed in fp32 under no_grad
+        return lambda m, a, o: seen[key].add(o.dtype) if torch.is_grad_enabled() else None
+
+    spy = [mlp.register_forward_hook(record("mlp")), attn_out.register_forward_hook(record("attn")),
+           lm.model.get_output_embeddings().register_forward_hook(record("head"))]
+    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+    zb = common.compute_z(lm, REQ, T, site, common.ZSettings(**{**vars(s), "autocast": "bf16"}), progress=False)[0]
+    for h in spy:
+        h.remove()
+    assert seen["mlp"] == {torch.bfloat16} and seen["head"] == {torch.bfloat16} and seen["attn"] == {torch.float32}
+    h0 = common.site_values(lm, REQ, site)
+    rel = (zb - z32).norm(dim=1) / (z32 - h0).norm(dim=1)
+    assert zb.dtype == torch.float32 and 0 < float(rel.max()) < 0.1
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules()) == n_hooks - len(spy)
+
+    def boom(m, a, o):
+        raise RuntimeError("boom")
+
+    bad = mlp.down_proj if hasattr(mlp, "down_proj") else mlp.c_proj
+    h = bad.register_forward_hook(boom)  # raises inside an MLP, after its autocast was entered
+    with pytest.raises(RuntimeError, match="boom"):
+        common.compute_z(lm, REQ, T, site, common.ZSettings(**{**vars(s), "autocast": "bf16"}), progress=False)
+    h.remove()
+    assert not torch.is_autocast_enabled("cpu")
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules()) == n_hooks - len(spy)
+
+
 def test_z_lowers_the_target_loss_and_kl_direction_is_a_choice():
     lm = tiny_lm("llama")
     for p in lm.model.parameters():

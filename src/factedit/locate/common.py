@@ -365,6 +365,40 @@ def through_post_norm(norm: nn.Module, m: torch.Tensor, R: torch.Tensor) -> torc
     return target - md
 
 
+@contextmanager
+def bf16_mlps(lm: LM) -> Iterator[None]:
+    """bf16 autocast inside every block's MLP and the LM head, for the duration.
+
+    Attention, the norms and the residual stream stay in fp32 (an MLP's bf16 output is promoted when
+    it is added back). On a CPU, the MLPs are most of the FLOPs, while whole-forward autocast runs the
+    flash-attention backward in bf16, about 10x slower than in fp32, and casts the attention
+    projections' weights on every call (docs/results.md, session 11)."""
+    blocks = lm.model.get_submodule(lm.arch.blocks)
+    sub = lm.arch.mlp_out.rpartition(".")[0]  # the MLP: the out-projection's parent ("mlp")
+    mods = [blk.get_submodule(sub) if sub else blk.get_submodule(lm.arch.mlp_out) for blk in blocks]
+    mods.append(lm.model.get_output_embeddings())
+    dev = lm.device.type
+    entered: list = []
+
+    def pre(_m, _a):
+        c = torch.autocast(dev, dtype=torch.bfloat16)
+        c.__enter__()
+        entered.append(c)
+
+    def post(_m, _a, _o):
+        if entered:
+            entered.pop().__exit__(None, None, None)
+
+    handles = [h for m in mods for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while entered:  # an exception inside a module skipped its forward hook
+            entered.pop().__exit__(None, None, None)
+
+
 def head_logits(lm: LM, x: torch.Tensor) -> torch.Tensor:
     """The model's LM head on final-norm outputs x (N, d), with the family's soft-capping if any."""
     logits = lm.model.get_output_embeddings()(x)
@@ -549,6 +583,8 @@ class ZStore:
         self.dir = root / fingerprint_model(lm.model)  # the weights z* is computed on, byte for byte
         tok = lm.tokenizer
         settings = {k: v for k, v in vars(s).items() if k != "batch"}  # the batch size does not change z*
+        if settings.get("autocast") == "bf16":
+            settings["autocast"] = "bf16_mlps"  # bf16 in the MLPs and head only (session 11): not the older whole-forward z*
         self.base = json.dumps({"v": Z_STORE_VERSION, "site": site_path, "z": settings, "templates": templates,
                                 "tokenizer": [type(tok).__name__, len(tok)], "device": lm.device.type},
                                sort_keys=True)
@@ -713,18 +749,17 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
     n_steps = torch.zeros(u, dtype=torch.long)
     metas = None
 
-    def ac():
-        return torch.autocast(dev.type, dtype=torch.bfloat16) if s.autocast == "bf16" else nullcontext()
-
     handle = site.register_forward_hook(hook)
     try:
-        for it in range(s.steps):
-            opt.zero_grad(set_to_none=True)
-            if metas is None:  # (re)built at the start and whenever a request finishes
-                metas = [(g, call_meta(g, ~done)) for g in groups]
-                metas = [(g, m) for g, m in metas if len(m[1])]
-            xs, rids = [], []
-            with ac():
+        # bf16 only inside the MLPs and the LM head, and only for the steps: the split's check and the
+        # cached prefix above ran in fp32 (see bf16_mlps)
+        with bf16_mlps(lm) if s.autocast == "bf16" else nullcontext():
+            for it in range(s.steps):
+                opt.zero_grad(set_to_none=True)
+                if metas is None:  # (re)built at the start and whenever a request finishes
+                    metas = [(g, call_meta(g, ~done)) for g in groups]
+                    metas = [(g, m) for g, m in metas if len(m[1])]
+                xs, rids = [], []
                 for g, (keep, rws, cols, rid, rr, rc) in metas:
                     state["rows"], state["cols"] = rws, cols
                     if straight:
@@ -738,52 +773,52 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
                     rids.append(rid)
                 x = torch.cat(xs)
                 logits = x.float() if straight else head_logits(lm, x).float()
-            rid = torch.cat(rids)
-            logp = torch.log_softmax(logits, -1)
-            is_nll = rid < n_nll
-            nll_lp = logp[is_nll].gather(1, rd_lab_t[rid[is_nll]][:, None])[:, 0]
-            nll_rows = rd_row_t[rid[is_nll]]
-            if state["first"]:
-                h_init = site_init[bare_rows].clone()
-                state["first"] = False
-                # δ = 0: is the target already the greedy continuation of the bare prompt (row "{}")?
-                miss = (logits[is_nll].argmax(-1) != rd_lab_t[rid[is_nll]]).float()
-                known = torch.zeros(n_rows, device=dev).index_add(0, nll_rows, miss)[bare_rows] == 0
-            row_nll = torch.zeros(n_rows, device=dev).index_add(0, nll_rows, -nll_lp) / row_ntok
-            req_nll = torch.zeros(u, device=dev).index_add(0, owner_t[:n_rw], row_nll[:n_rw]) / n_t
-            kl_lp = logp[~is_nll]
-            kl_idx = rid[~is_nll] - n_nll  # = request index (one KL row per request, in order)
-            if kl_init is None:
-                kl_init = torch.zeros(u, kl_lp.shape[1], device=dev)
-                kl_init[kl_idx] = kl_lp.detach()
-            ki = kl_init[kl_idx]
-            if s.kl_direction == "current_initial":
-                kl_r = (kl_lp.exp() * (kl_lp - ki)).sum(-1)
-            else:
-                kl_r = (ki.exp() * (ki - kl_lp)).sum(-1)
-            kl = torch.zeros(u, device=dev).index_add(0, kl_idx, kl_r)
-            decay = s.weight_decay * delta.norm(dim=1) / h_init.norm(dim=1).clamp(min=1e-8) ** 2
-            loss = req_nll + s.kl_factor * kl + decay
-            lv = loss.detach()
-            active = ~done
-            last_loss[active.cpu()] = lv[active].cpu()
-            n_steps[active.cpu()] = it
-            newly = active & (lv < s.early_stop_loss)
-            done |= newly
-            if bool(done.all()) or it == s.steps - 1:
-                break
-            keep_d = delta.detach()[done].clone()
-            (loss * active).sum().backward()
-            opt.step()
-            with torch.no_grad():
-                if done.any():
-                    delta[done] = keep_d
-                max_norm = s.clamp_norm_factor * h_init.norm(dim=1)
-                nrm = delta.norm(dim=1)
-                scale = torch.where(nrm > max_norm, max_norm / nrm.clamp(min=1e-12), torch.ones_like(nrm))
-                delta.mul_(scale[:, None])
-            if bool(newly.any()):
-                metas = None
+                rid = torch.cat(rids)
+                logp = torch.log_softmax(logits, -1)
+                is_nll = rid < n_nll
+                nll_lp = logp[is_nll].gather(1, rd_lab_t[rid[is_nll]][:, None])[:, 0]
+                nll_rows = rd_row_t[rid[is_nll]]
+                if state["first"]:
+                    h_init = site_init[bare_rows].clone()
+                    state["first"] = False
+                    # δ = 0: is the target already the greedy continuation of the bare prompt (row "{}")?
+                    miss = (logits[is_nll].argmax(-1) != rd_lab_t[rid[is_nll]]).float()
+                    known = torch.zeros(n_rows, device=dev).index_add(0, nll_rows, miss)[bare_rows] == 0
+                row_nll = torch.zeros(n_rows, device=dev).index_add(0, nll_rows, -nll_lp) / row_ntok
+                req_nll = torch.zeros(u, device=dev).index_add(0, owner_t[:n_rw], row_nll[:n_rw]) / n_t
+                kl_lp = logp[~is_nll]
+                kl_idx = rid[~is_nll] - n_nll  # = request index (one KL row per request, in order)
+                if kl_init is None:
+                    kl_init = torch.zeros(u, kl_lp.shape[1], device=dev)
+                    kl_init[kl_idx] = kl_lp.detach()
+                ki = kl_init[kl_idx]
+                if s.kl_direction == "current_initial":
+                    kl_r = (kl_lp.exp() * (kl_lp - ki)).sum(-1)
+                else:
+                    kl_r = (ki.exp() * (ki - kl_lp)).sum(-1)
+                kl = torch.zeros(u, device=dev).index_add(0, kl_idx, kl_r)
+                decay = s.weight_decay * delta.norm(dim=1) / h_init.norm(dim=1).clamp(min=1e-8) ** 2
+                loss = req_nll + s.kl_factor * kl + decay
+                lv = loss.detach()
+                active = ~done
+                last_loss[active.cpu()] = lv[active].cpu()
+                n_steps[active.cpu()] = it
+                newly = active & (lv < s.early_stop_loss)
+                done |= newly
+                if bool(done.all()) or it == s.steps - 1:
+                    break
+                keep_d = delta.detach()[done].clone()
+                (loss * active).sum().backward()
+                opt.step()
+                with torch.no_grad():
+                    if done.any():
+                        delta[done] = keep_d
+                    max_norm = s.clamp_norm_factor * h_init.norm(dim=1)
+                    nrm = delta.norm(dim=1)
+                    scale = torch.where(nrm > max_norm, max_norm / nrm.clamp(min=1e-12), torch.ones_like(nrm))
+                    delta.mul_(scale[:, None])
+                if bool(newly.any()):
+                    metas = None
     finally:
         handle.remove()
     z = (h_init + delta.detach()).float().cpu()
