@@ -9,9 +9,9 @@ the CPU has bf16 matrix units (amx_bf16), which the JSON records.
 Computes z* (AlphaEdit's preset z* settings and site, the unedited SmolLM2-135M, no z* store)
 for the CounterFact-edit records [LO, HI) once per listed batch size, in the listed order, in one
 process: alternating the sizes spreads this VM's drift over both. The one-time mid-stack check runs
-before the timed calls. The result per batch size is the same within float tolerance (printed; bf16 differs more, and the
-JSON records by how much relative to the shift z* - h). The
-JSON records the fp32 matmul peak measured at the end: this VM's speed varies by up to 1.5x between days.
+before the timed calls. The result per batch size is the same within float tolerance; bf16 differs more.
+The JSON records each run's difference from the first, relative to the shift z* - h, and the fp32 and bf16
+matmul peaks measured at the end: this VM's speed varies by up to 1.5x between days.
 """
 
 import dataclasses
@@ -22,11 +22,11 @@ import time
 import torch
 
 from factedit.data import default_bench_file, load_counterfact
+from factedit.fsutil import write_json
 from factedit.lm.load import load_lm
 from factedit.locate import common
 from factedit.methods.locate import _z_settings
 from factedit.registry import get_editor_class
-from factedit.fsutil import write_json
 from zstar_speed import bf16_flags, cpu_name, matmul_peak  # bench/zstar_speed.py, beside this script
 
 

@@ -35,6 +35,13 @@ def corpus(tmp_path):
     return str(p)
 
 
+def frozen_tiny(family):
+    """A tiny model whose weights need no gradient (z* optimises δ only)."""
+    lm = tiny_lm(family)
+    lm.model.requires_grad_(False)
+    return lm
+
+
 def strong(corpus, **kw):
     """Settings under which the tiny random models move: large clamp and steps, small λ."""
     base = dict(layers=(1, 2), mom2_corpus=corpus, mom2_tokens=1500, mom2_max_len=64, templates_per_length=2,
@@ -183,9 +190,7 @@ def test_key_walker_equals_plain_keys_while_layers_are_edited(family):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
 def test_batched_z_equals_one_request_at_a_time(family):
-    lm = tiny_lm(family)
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
+    lm = frozen_tiny(family)
     T = ["{}", "The Paris . {}"]
     site = lm.arch.block_path(2)
     s = common.ZSettings(steps=12, lr=0.5, clamp_norm_factor=4.0, batch=8)
@@ -205,9 +210,7 @@ def test_batched_z_equals_one_request_at_a_time(family):
 
 def test_z_store_reuses_only_for_the_same_weights_and_settings(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("FACTEDIT_ZSTAR_CACHE", str(tmp_path / "zs"))
-    lm = tiny_lm("llama")
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
+    lm = frozen_tiny("llama")
     T = ["{}", "The Paris . {}"]
     site = lm.arch.block_path(2)
     s = common.ZSettings(steps=6, lr=0.5, clamp_norm_factor=4.0, batch=2)
@@ -265,9 +268,7 @@ def test_rows_are_grouped_by_length():
 
 
 def test_requests_leaving_the_batch_at_different_steps_keep_their_results():
-    lm = tiny_lm("llama")
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
+    lm = frozen_tiny("llama")
     T = ["{}", "The Paris . {}"]
     site = lm.arch.block_path(2)
     probe = common.compute_z(lm, REQ, T, site, common.ZSettings(steps=6, lr=0.5), progress=False)[1]
@@ -286,9 +287,7 @@ def test_requests_leaving_the_batch_at_different_steps_keep_their_results():
 def test_bf16_z_runs_the_mlps_and_head_in_bf16_and_the_rest_in_fp32(family):
     """autocast=bf16: bf16 inside the MLPs and the LM head only, during the steps; z* stays close to fp32's,
     and nothing (hooks, autocast) is left behind, also when a step raises."""
-    lm = tiny_lm(family)
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
+    lm = frozen_tiny(family)
     T = ["{}", "The Paris . {}"]
     site = lm.arch.block_path(1)
     s = common.ZSettings(steps=8, lr=0.5, clamp_norm_factor=4.0, batch=8)
@@ -326,9 +325,7 @@ def test_bf16_z_runs_the_mlps_and_head_in_bf16_and_the_rest_in_fp32(family):
 
 
 def test_z_lowers_the_target_loss_and_kl_direction_is_a_choice():
-    lm = tiny_lm("llama")
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
+    lm = frozen_tiny("llama")
     site = lm.arch.block_path(2)
     s0 = common.ZSettings(steps=1)
     s = common.ZSettings(steps=30, lr=1.0, clamp_norm_factor=10.0)

@@ -389,12 +389,10 @@ def bf16_mlps(lm: LM) -> Iterator[None]:
         if entered:
             entered.pop().__exit__(None, None, None)
 
-    handles = [h for m in mods for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     try:
-        yield
+        with _hooks([h for m in mods for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]):
+            yield
     finally:
-        for h in handles:
-            h.remove()
         while entered:  # an exception inside a module skipped its forward hook
             entered.pop().__exit__(None, None, None)
 
@@ -749,78 +747,74 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
     n_steps = torch.zeros(u, dtype=torch.long)
     metas = None
 
-    handle = site.register_forward_hook(hook)
-    try:
-        # bf16 only inside the MLPs and the LM head, and only for the steps: the split's check and the
-        # cached prefix above ran in fp32 (see bf16_mlps)
-        with bf16_mlps(lm) if s.autocast == "bf16" else nullcontext():
-            for it in range(s.steps):
-                opt.zero_grad(set_to_none=True)
-                if metas is None:  # (re)built at the start and whenever a request finishes
-                    metas = [(g, call_meta(g, ~done)) for g in groups]
-                    metas = [(g, m) for g, m in metas if len(m[1])]
-                xs, rids = [], []
-                for g, (keep, rws, cols, rid, rr, rc) in metas:
-                    state["rows"], state["cols"] = rws, cols
-                    if straight:
-                        full = lm.model(input_ids=rows.input_ids[rws.cpu()].to(dev),
-                                        attention_mask=rows.attention_mask[rws.cpu()].to(dev), use_cache=False).logits
-                        xs.append(full[rr, rc])
-                    else:
-                        hfin = upper.full(rows.input_ids[rws.cpu()].to(dev), rows.attention_mask[rws.cpu()].to(dev)) \
-                            if g is None else upper.run(g, keep)
-                        xs.append(hfin[rr, rc])
-                    rids.append(rid)
-                x = torch.cat(xs)
-                logits = x.float() if straight else head_logits(lm, x).float()
-                rid = torch.cat(rids)
-                logp = torch.log_softmax(logits, -1)
-                is_nll = rid < n_nll
-                nll_lp = logp[is_nll].gather(1, rd_lab_t[rid[is_nll]][:, None])[:, 0]
-                nll_rows = rd_row_t[rid[is_nll]]
-                if state["first"]:
-                    h_init = site_init[bare_rows].clone()
-                    state["first"] = False
-                    # δ = 0: is the target already the greedy continuation of the bare prompt (row "{}")?
-                    miss = (logits[is_nll].argmax(-1) != rd_lab_t[rid[is_nll]]).float()
-                    known = torch.zeros(n_rows, device=dev).index_add(0, nll_rows, miss)[bare_rows] == 0
-                row_nll = torch.zeros(n_rows, device=dev).index_add(0, nll_rows, -nll_lp) / row_ntok
-                req_nll = torch.zeros(u, device=dev).index_add(0, owner_t[:n_rw], row_nll[:n_rw]) / n_t
-                kl_lp = logp[~is_nll]
-                kl_idx = rid[~is_nll] - n_nll  # = request index (one KL row per request, in order)
-                if kl_init is None:
-                    kl_init = torch.zeros(u, kl_lp.shape[1], device=dev)
-                    kl_init[kl_idx] = kl_lp.detach()
-                ki = kl_init[kl_idx]
-                if s.kl_direction == "current_initial":
-                    kl_r = (kl_lp.exp() * (kl_lp - ki)).sum(-1)
+    # bf16 only inside the MLPs and the LM head, and only for the steps: the split's check and the
+    # cached prefix above ran in fp32 (see bf16_mlps)
+    with _hooks([site.register_forward_hook(hook)]), (bf16_mlps(lm) if s.autocast == "bf16" else nullcontext()):
+        for it in range(s.steps):
+            opt.zero_grad(set_to_none=True)
+            if metas is None:  # (re)built at the start and whenever a request finishes
+                metas = [(g, call_meta(g, ~done)) for g in groups]
+                metas = [(g, m) for g, m in metas if len(m[1])]
+            xs, rids = [], []
+            for g, (keep, rws, cols, rid, rr, rc) in metas:
+                state["rows"], state["cols"] = rws, cols
+                if straight:
+                    full = lm.model(input_ids=rows.input_ids[rws.cpu()].to(dev),
+                                    attention_mask=rows.attention_mask[rws.cpu()].to(dev), use_cache=False).logits
+                    xs.append(full[rr, rc])
                 else:
-                    kl_r = (ki.exp() * (ki - kl_lp)).sum(-1)
-                kl = torch.zeros(u, device=dev).index_add(0, kl_idx, kl_r)
-                decay = s.weight_decay * delta.norm(dim=1) / h_init.norm(dim=1).clamp(min=1e-8) ** 2
-                loss = req_nll + s.kl_factor * kl + decay
-                lv = loss.detach()
-                active = ~done
-                last_loss[active.cpu()] = lv[active].cpu()
-                n_steps[active.cpu()] = it
-                newly = active & (lv < s.early_stop_loss)
-                done |= newly
-                if bool(done.all()) or it == s.steps - 1:
-                    break
-                keep_d = delta.detach()[done].clone()
-                (loss * active).sum().backward()
-                opt.step()
-                with torch.no_grad():
-                    if done.any():
-                        delta[done] = keep_d
-                    max_norm = s.clamp_norm_factor * h_init.norm(dim=1)
-                    nrm = delta.norm(dim=1)
-                    scale = torch.where(nrm > max_norm, max_norm / nrm.clamp(min=1e-12), torch.ones_like(nrm))
-                    delta.mul_(scale[:, None])
-                if bool(newly.any()):
-                    metas = None
-    finally:
-        handle.remove()
+                    hfin = upper.full(rows.input_ids[rws.cpu()].to(dev), rows.attention_mask[rws.cpu()].to(dev)) \
+                        if g is None else upper.run(g, keep)
+                    xs.append(hfin[rr, rc])
+                rids.append(rid)
+            x = torch.cat(xs)
+            logits = x.float() if straight else head_logits(lm, x).float()
+            rid = torch.cat(rids)
+            logp = torch.log_softmax(logits, -1)
+            is_nll = rid < n_nll
+            nll_lp = logp[is_nll].gather(1, rd_lab_t[rid[is_nll]][:, None])[:, 0]
+            nll_rows = rd_row_t[rid[is_nll]]
+            if state["first"]:
+                h_init = site_init[bare_rows].clone()
+                state["first"] = False
+                # δ = 0: is the target already the greedy continuation of the bare prompt (row "{}")?
+                miss = (logits[is_nll].argmax(-1) != rd_lab_t[rid[is_nll]]).float()
+                known = torch.zeros(n_rows, device=dev).index_add(0, nll_rows, miss)[bare_rows] == 0
+            row_nll = torch.zeros(n_rows, device=dev).index_add(0, nll_rows, -nll_lp) / row_ntok
+            req_nll = torch.zeros(u, device=dev).index_add(0, owner_t[:n_rw], row_nll[:n_rw]) / n_t
+            kl_lp = logp[~is_nll]
+            kl_idx = rid[~is_nll] - n_nll  # = request index (one KL row per request, in order)
+            if kl_init is None:
+                kl_init = torch.zeros(u, kl_lp.shape[1], device=dev)
+                kl_init[kl_idx] = kl_lp.detach()
+            ki = kl_init[kl_idx]
+            if s.kl_direction == "current_initial":
+                kl_r = (kl_lp.exp() * (kl_lp - ki)).sum(-1)
+            else:
+                kl_r = (ki.exp() * (ki - kl_lp)).sum(-1)
+            kl = torch.zeros(u, device=dev).index_add(0, kl_idx, kl_r)
+            decay = s.weight_decay * delta.norm(dim=1) / h_init.norm(dim=1).clamp(min=1e-8) ** 2
+            loss = req_nll + s.kl_factor * kl + decay
+            lv = loss.detach()
+            active = ~done
+            last_loss[active.cpu()] = lv[active].cpu()
+            n_steps[active.cpu()] = it
+            newly = active & (lv < s.early_stop_loss)
+            done |= newly
+            if bool(done.all()) or it == s.steps - 1:
+                break
+            keep_d = delta.detach()[done].clone()
+            (loss * active).sum().backward()
+            opt.step()
+            with torch.no_grad():
+                if done.any():
+                    delta[done] = keep_d
+                max_norm = s.clamp_norm_factor * h_init.norm(dim=1)
+                nrm = delta.norm(dim=1)
+                scale = torch.where(nrm > max_norm, max_norm / nrm.clamp(min=1e-12), torch.ones_like(nrm))
+                delta.mul_(scale[:, None])
+            if bool(newly.any()):
+                metas = None
     z = (h_init + delta.detach()).float().cpu()
     log.info("z*: %d requests, %d rows in %d groups: prepare %.1f s, %d steps %.1f s (%d request-steps)", u, n_rows,
              len(groups), t_prep, it + 1, time.perf_counter() - t0 - t_prep, int(n_steps.sum()) + u)
