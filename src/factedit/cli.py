@@ -77,7 +77,7 @@ def cmd_eval(args) -> int:
     if args.pre_from and not (Path(args.pre_from) / "run.json").is_file():
         raise FactEditError(f"--pre-from {args.pre_from}: not a run folder (no run.json)")
     text = _general_text(Path(args.data_dir) if args.data_dir else default_data_dir())
-    lm = load_lm(args.model)
+    lm = load_lm(args.model, device=args.device)
     editor = cls.create(lm, m_over)
     for c in cases:  # subject/token checks before any model work
         editor.validate(lm, [c.request])
@@ -100,7 +100,7 @@ def cmd_edit(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FactEditError(f"output folder '{out}' exists and is not empty (use --overwrite)")
-    lm = load_lm(args.model)
+    lm = load_lm(args.model, device=args.device)
     editor = cls.create(lm, m_over)
     t0 = time.perf_counter()
     patch = editor.compute(lm, requests)
@@ -126,7 +126,7 @@ def cmd_apply(args) -> int:
                             "merged into weights; apply it at load time instead")
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise FactEditError(f"output folder '{args.out}' exists and is not empty")
-    lm = load_lm(args.model)
+    lm = load_lm(args.model, device=args.device)
     prompts = args.prompt or [r.prompt for r in patch.requests][:10]
     before = [sample(lm, p, len(p.split()) + 16, greedy=True, stop_at_eos=True) for p in prompts]
     handle = patch.apply(lm, force=args.force)
@@ -148,7 +148,7 @@ def cmd_demo(args) -> int:
 
     m_over, e_over = _split_sets(args.set)
     _editor_class_checked(args.method, m_over)
-    return run_demo(args.model, args.method, m_over, e_over, out=args.out)
+    return run_demo(args.model, args.method, m_over, e_over, out=args.out, device=args.device)
 
 
 def cmd_stats(args) -> int:
@@ -161,7 +161,7 @@ def cmd_stats(args) -> int:
     if args.tokens < 1 or args.max_len < 2:
         raise FactEditError("--tokens must be >= 1 and --max-len >= 2")
     corpus_text(args.corpus)  # a missing or empty corpus fails here, before the model loads
-    lm = load_lm(args.model)
+    lm = load_lm(args.model, device=args.device)
     lm.check_layers(layers)
     t0 = time.perf_counter()
     stats = key_stats(lm, layers, args.corpus, args.tokens, args.max_len)
@@ -196,7 +196,7 @@ def cmd_trace(args) -> int:
         raise FactEditError(f"{path}[{bad}]: --answer known needs the record's true answer, and it has none")
     facts = [Fact(c.request.prompt, c.request.subject, c.request.target_true if args.answer != "model" else None)
              for c in cases]
-    lm = load_lm(args.model)
+    lm = load_lm(args.model, device=args.device)
     t0 = time.perf_counter()
     idx, scanned = list(range(len(facts))), len(facts)  # the records traced (indices into the file)
     if known:
@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"factedit {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    p.add_argument("--device", default=None,
+                   help="cpu (default), cuda, cuda:N or auto; default from FACTEDIT_DEVICE, else cpu")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, method_default=None):
@@ -315,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
+        from .lm.load import resolve_device
+
+        args.device = resolve_device(args.device)  # an unknown or absent device fails before any work
         return args.fn(args)
     except FactEditError as e:
         print(f"factedit: error: {e}", file=sys.stderr)

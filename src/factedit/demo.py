@@ -17,7 +17,8 @@ def _answer(lm, prompt: str) -> str:
     return sample(lm, prompt, n + 6, greedy=True, stop_at_eos=True).strip().split("\n")[0]
 
 
-def run_demo(model: str, method: str, overrides: dict, eval_overrides: dict, out: str | None = None) -> int:
+def run_demo(model: str, method: str, overrides: dict, eval_overrides: dict, out: str | None = None,
+             device: str | None = None) -> int:
     from .cli import _general_text
     from .eval.harness import Runner, eval_config
     from .eval.report import table
@@ -28,7 +29,7 @@ def run_demo(model: str, method: str, overrides: dict, eval_overrides: dict, out
     cases = demo_cases()
     ecfg = eval_config({"fluency_cases": 5, "ppl_tokens": 4096, "gen_length": 60, **eval_overrides})
     t0 = time.perf_counter()
-    lm = load_lm(model)
+    lm = load_lm(model, device=device)
     print(f"loaded {lm.name} ({lm.n_layers} layers, fingerprint {lm.fingerprint}) in {time.perf_counter() - t0:.1f} s")
     editor = get_editor_class(method).create(lm, overrides)
     probes = [(c.request.prompt, "edit") for c in cases] + [(p, "paraphrase") for c in cases

@@ -171,3 +171,31 @@ def test_eval_reuses_pre_edit_records_from_an_earlier_run(tmp_path, tiny_folder,
     assert "another data" in capsys.readouterr().err
     assert cli.main(argv[:-1] + [str(tmp_path / "nothing")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec,msg", [("tpu", "is not a torch device"), ("mps", "only cpu and cuda"),
+                                      ("cuda:7", "cuda:7")])
+def test_unknown_or_absent_device_exits_2_before_model_work(no_model, capsys, spec, msg, tmp_path, monkeypatch):
+    import torch
+
+    if spec.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--device", spec, "edit", "--method", "ft", "--facts", "x", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_device_defaults_to_cpu_and_follows_the_environment(monkeypatch):
+    import torch
+
+    from factedit.lm.load import resolve_device
+
+    monkeypatch.delenv("FACTEDIT_DEVICE", raising=False)
+    assert resolve_device(None) == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("FACTEDIT_DEVICE", "tpu")
+    with pytest.raises(Exception, match="'tpu' is not a torch device"):
+        resolve_device(None)
+    assert resolve_device("cpu") == "cpu"  # the argument wins over the environment

@@ -167,8 +167,32 @@ def wrap(model: nn.Module, tokenizer, name: str = "custom", fingerprint: str | N
               name=name)
 
 
+def resolve_device(spec: str | None = None) -> str:
+    """The torch device to run on: ``spec`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``), else the
+    ``FACTEDIT_DEVICE`` environment variable, else ``cpu``. Refused with a clear message when the device
+    does not exist here, before any model work."""
+    spec = (spec or os.environ.get("FACTEDIT_DEVICE") or "cpu").strip()
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise FactEditError(f"device '{spec}' is not a torch device (cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type != "cuda":
+        raise FactEditError(f"device '{spec}': only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        raise FactEditError(f"device '{spec}': no CUDA GPU is visible to torch {torch.__version__} here")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise FactEditError(f"device '{spec}': only {torch.cuda.device_count()} CUDA device(s) here")
+    return str(dev)
+
+
 def load_lm(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.float32, device: str | None = None) -> LM:
-    """Load an embedded model by name (``smollm2-135m``, ``gemma3-270m``) or a local HF causal-LM folder."""
+    """Load an embedded model by name (``smollm2-135m``, ``gemma3-270m``) or a local HF causal-LM folder,
+    on ``device`` (see ``resolve_device``: default cpu, or ``FACTEDIT_DEVICE``)."""
+    device = resolve_device(device)
     if name_or_path in EMBEDDED:
         folder = cache_root() / "models" / name_or_path
         if not (folder / "factedit.json").is_file():

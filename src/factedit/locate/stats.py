@@ -224,7 +224,7 @@ def _compute(lm, layers, text, desc, chash, tokens, max_len, batch_size, dtype, 
                 pass
             for l in layers:
                 k = captured[l].reshape(-1, d0).float()
-                sums[l] += (k.T @ k).double()
+                sums[l] += (k.T @ k).double().to(sums[l].device)
             count += ids.numel()
             bar.update(j - i)
             i = j
