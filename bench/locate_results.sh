@@ -8,6 +8,23 @@ PY=".venv/bin/python"; [ -x "$PY" ] || PY=python
 OUT=${OUT:-runs}
 N=${N:-1000}
 EV="--set eval.fluency_cases=10"
+# On a CUDA GPU (session 12, one H100: `DEVICE=cuda bash bench/locate_results.sh` runs only this part):
+# the preset runs again at 1,000 edits (to compare with the CPU's), NSE at the published clamp 0.75, and
+# the papers' protocol, 2,000 sequential edits in rounds of 100, for MEMIT, AlphaEdit and NSE.
+if [ "${DEVICE:-cpu}" != cpu ]; then
+  G="$F --device $DEVICE -q eval --bench counterfact --mode sequential --batch-size 100 $EV --set z_batch=100"
+  $G --method alphaedit --limit 1000 --out $OUT/gpu-ae1000
+  $G --method memit --limit 1000 --out $OUT/gpu-memit1000 --pre-from $OUT/gpu-ae1000
+  $G --method nse --limit 1000 --out $OUT/gpu-nse1000-c075-l5000 --pre-from $OUT/gpu-ae1000 --set clamp_norm_factor=0.75
+  $G --method nse --limit 1000 --out $OUT/gpu-nse1000-c075-l10000 --pre-from $OUT/gpu-ae1000 \
+     --set clamp_norm_factor=0.75 --set mom2_update_weight=10000
+  for m in memit alphaedit nse; do $G --method $m --limit 2000 --out $OUT/gpu-$m-seq2000; done
+  $PY bench/compare_runs.py $OUT/gpu-ae1000 $OUT/gpu-memit1000 $OUT/gpu-nse1000-c075-l5000 \
+      $OUT/gpu-nse1000-c075-l10000 --metrics efficacy,specificity --out bench/results/compare-gpu-seq1000.json
+  $PY bench/compare_runs.py $OUT/gpu-nse-seq2000 $OUT/gpu-alphaedit-seq2000 $OUT/gpu-memit-seq2000 \
+      --metrics efficacy,specificity --out bench/results/compare-gpu-seq2000.json
+  exit 0
+fi
 $F -q stats --layers 1-8 --tokens 200000 --nullspace 0.02 --nullspace-mode absolute
 $F -q stats --model gemma3-270m --layers 1-7 --tokens 200000 --nullspace 0.02 --nullspace-mode absolute
 $F -q trace --model smollm2-135m --answer known --limit 30 --samples 5 --window 6 --out bench/results/trace-smollm2-135m.json
