@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .lm.load import resolve_device
 
-        args.device = resolve_device(args.device)  # an unknown or absent device fails before any work
+        if hasattr(args, "model"):  # commands that load a model: an unknown or absent device fails before any work
+            args.device = resolve_device(args.device)
         return args.fn(args)
     except FactEditError as e:
         print(f"factedit: error: {e}", file=sys.stderr)

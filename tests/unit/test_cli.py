@@ -199,3 +199,10 @@ def test_device_defaults_to_cpu_and_follows_the_environment(monkeypatch):
     with pytest.raises(Exception, match="'tpu' is not a torch device"):
         resolve_device(None)
     assert resolve_device("cpu") == "cpu"  # the argument wins over the environment
+
+
+def test_commands_without_a_model_ignore_the_device(monkeypatch, capsys):
+    monkeypatch.setenv("FACTEDIT_DEVICE", "tpu")
+    assert cli.main(["methods"]) == 0
+    assert cli.main(["edit", "--method", "ft", "--facts", "x", "--out", "o"]) == 2
+    assert "'tpu' is not a torch device" in capsys.readouterr().err
