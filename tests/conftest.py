@@ -37,6 +37,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.fixture
+def corpus(tmp_path):
+    """A key-statistics corpus file for the locate-then-edit editors on tiny models (``mom2_corpus``)."""
+    from tiny import STATS_TEXT
+
+    p = tmp_path / "corpus.txt"
+    p.write_text(STATS_TEXT)
+    return str(p)
+
+
 @pytest.fixture(autouse=True)
 def _zstar_store(tmp_path, monkeypatch):
     """Each test gets an empty z* store, so no test reads z* another test (or an earlier run) computed."""

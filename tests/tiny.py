@@ -79,3 +79,26 @@ def tiny_lm(family: str = "llama"):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(state)
     return wrap(model, tiny_tokenizer(), name=f"tiny-{family}")
+
+
+# Shared by the locate-then-edit tests (tests/unit/test_locate.py, tests/unit/test_device.py).
+def locate_requests():
+    """Three edit requests whose subjects and targets the tiny tokenizer knows."""
+    from factedit import EditRequest
+
+    return [
+        EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", case_id=1),
+        EditRequest("The capital of Italy is", "Italy", "London", "Rome", case_id=2),
+        EditRequest("Toko Yasuda plays the", "Toko Yasuda", "piano", "guitar", case_id=3),
+    ]
+
+
+STATS_TEXT = "\n\n".join(CORPUS * 20)  # the key-statistics corpus of the locate tests
+
+
+def strong(corpus: str, **kw) -> dict:
+    """Locate-editor settings under which the tiny random models move: large clamp and steps, small λ."""
+    base = dict(layers=(1, 2), mom2_corpus=corpus, mom2_tokens=1500, mom2_max_len=64, templates_per_length=2,
+                template_lengths=(4,), v_steps=30, v_lr=1.0, clamp_norm_factor=10.0, mom2_update_weight=1.0)
+    base.update(kw)
+    return base

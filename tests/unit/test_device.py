@@ -3,37 +3,23 @@
 import pytest
 import torch
 
-from factedit import EditRequest, get_editor
+from factedit import get_editor
 from factedit.eval.harness import EvalConfig, Runner
 from factedit.types import EvalCase
-from tiny import CORPUS, tiny_lm
+from tiny import locate_requests, strong, tiny_lm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
 
-REQ = [
-    EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", case_id=1),
-    EditRequest("The capital of Italy is", "Italy", "London", "Rome", case_id=2),
-    EditRequest("Toko Yasuda plays the", "Toko Yasuda", "piano", "guitar", case_id=3),
-]
+REQ = locate_requests()
 
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("FACTEDIT_ZSTAR_CACHE", raising=False)
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n\n".join(CORPUS * 20))
-    return str(p)
 
 
 def settings(method, corpus):
-    kw = dict(layers=(1, 2), mom2_corpus=corpus, mom2_tokens=1500, mom2_max_len=64, templates_per_length=2,
-              template_lengths=(4,), v_steps=20, v_lr=1.0, clamp_norm_factor=10.0, mom2_update_weight=1.0,
-              z_cache=False)
+    kw = strong(corpus, v_steps=20, z_cache=False)
     if method == "rome":
         kw["layers"] = (1,)
     if method == "alphaedit":
@@ -57,7 +43,7 @@ def test_gpu_edit_equals_cpu_edit(method, corpus):
     for k in cpu.deltas:
         a, b = cpu.deltas[k].materialise(), gpu.deltas[k].materialise().cpu()
         assert float((a - b).abs().max()) <= 2e-3 * float(a.abs().max()), k
-    # the patch applies to the GPU model and moves its answer
+    # the patch applies to the GPU model (its deltas go to the parameters' device) and reverts
     handle = gpu.apply(gpu_lm)
     assert next(gpu_lm.model.parameters()).device.type == "cuda"
     handle.revert()

@@ -12,14 +12,10 @@ from factedit.locate import common
 from factedit.locate.stats import key_stats, null_projector, token_windows
 from factedit.methods.locate import _z_settings
 from factedit.types import EvalCase
-from tiny import CORPUS, tiny_lm
+from tiny import STATS_TEXT as TEXT
+from tiny import locate_requests, strong, tiny_lm
 
-REQ = [
-    EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", case_id=1),
-    EditRequest("The capital of Italy is", "Italy", "London", "Rome", case_id=2),
-    EditRequest("Toko Yasuda plays the", "Toko Yasuda", "piano", "guitar", case_id=3),
-]
-TEXT = "\n\n".join(CORPUS * 20)
+REQ = locate_requests()
 
 
 @pytest.fixture(autouse=True)
@@ -28,26 +24,11 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    p = tmp_path / "corpus.txt"
-    p.write_text(TEXT)
-    return str(p)
-
-
 def frozen_tiny(family):
     """A tiny model whose weights need no gradient (z* optimises δ only)."""
     lm = tiny_lm(family)
     lm.model.requires_grad_(False)
     return lm
-
-
-def strong(corpus, **kw):
-    """Settings under which the tiny random models move: large clamp and steps, small λ."""
-    base = dict(layers=(1, 2), mom2_corpus=corpus, mom2_tokens=1500, mom2_max_len=64, templates_per_length=2,
-                template_lengths=(4,), v_steps=30, v_lr=1.0, clamp_norm_factor=10.0, mom2_update_weight=1.0)
-    base.update(kw)
-    return base
 
 
 # ---- statistics -------------------------------------------------------------------------------------
