@@ -56,6 +56,9 @@ def main():
     ap.add_argument("--score-every", type=int, default=1,
                     help="score ES/PS/NS on every k-th of the N edited records (all N are edited); perplexity is "
                          "unaffected")
+    ap.add_argument("--by-round", action="store_true",
+                    help="with --rounds-of: also report each round's efficacy on its scored records, right after the "
+                         "round and at the end of the stream (what later rounds took back)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.rounds_of and args.method != "nse" and not args.approx_z:
@@ -86,7 +89,10 @@ def main():
         if _z_settings(ed.config) != zset or ed.loss_layer_z(lm) != site:
             raise SystemExit(f"{ov} changes z* (its settings or site); sweep those with bench/sweep.py")
         k = args.rounds_of or args.n
-        handles, metas = [], []
+        handles, metas, at_edit = [], [], []
+        every = max(1, args.score_every)
+        rounds = ([[cases[i] for i in range(s, min(s + k, args.n)) if i % every == 0] for s in range(0, args.n, k)]
+                  if args.by_round else [])
         t = time.time()
         try:
             for s in range(0, args.n, k):
@@ -96,8 +102,11 @@ def main():
                 handles.append(p.apply(lm))
                 ed.commit(p)
                 metas.append(p.meta)
-            dt = time.time() - t
+                if rounds:
+                    at_edit.append(scores(lm, rounds[len(metas) - 1])["efficacy"])
+            dt = time.time() - t  # includes the per-round scoring with --by-round
             post = scores(lm, scored, text, args.ppl_tokens)
+            at_end = [scores(lm, r)["efficacy"] for r in rounds]
         finally:
             for h in reversed(handles):
                 h.revert()
@@ -111,6 +120,8 @@ def main():
                "ppl_ratio": round(post["perplexity"] / pre["perplexity"], 4), "solve_s": round(dt, 1),
                "phase_s": phases, "passes": [m.get("passes") for m in metas], "threads": torch.get_num_threads(),
                "torch": torch.__version__, "machine": platform.machine()}
+        if rounds:
+            rec["efficacy_by_round"] = {"after_round": at_edit, "at_end": at_end}
         emit(rec, args.out)
 
 
