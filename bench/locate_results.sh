@@ -60,3 +60,17 @@ $PY bench/compare_runs.py $OUT/alphaedit-seq$N $OUT/nse-seq$N $OUT/memit-seq$N -
 # why NSE's efficacy stops near 91: per-round distances to z*, and efficacy with h_L set to z* (session 11)
 $PY bench/nse_distance.py $OUT/nse-seq$N $((N - 100)) $N --out bench/results/nse-distance-seq$N.json
 $PY bench/nse_oracle.py --n $N --rounds-of 100 --out bench/results/nse-oracle-seq$N.json
+# session 13: one NSE round alone, and each round's efficacy right after it and at the end of the stream
+$PY bench/solve_sweep.py nse '{"mom2_update_weight":[5000,1500,300]}' --n 100 --ppl-tokens 8192 --z-batch 100 \
+    --out bench/results/solve_sweep.jsonl
+$PY bench/solve_sweep.py nse '{"mom2_update_weight":[1500,5000]}' --n $N --rounds-of 100 --score-every 2 \
+    --ppl-tokens 16384 --z-batch 100 --by-round --out bench/results/solve_sweep.jsonl
+# session 13: AlphaEdit against sequential MEMIT on a second sample, CounterFact-edit records 1000-1999
+$PY -c "import gzip,json,sys; json.dump(json.load(gzip.open(sys.argv[1],'rt'))[1000:2000],open(sys.argv[2],'w'))" \
+    "${FACTEDIT_DATA:-../shared/data}/counterfact/counterfact-edit.json.gz" $OUT/cf-1000-1999.json
+$F -q eval --method alphaedit --bench counterfact --data $OUT/cf-1000-1999.json --mode sequential --batch-size 100 \
+   --out $OUT/ae-seq1000-b $EV --set z_batch=100
+$F -q eval --method memit --bench counterfact --data $OUT/cf-1000-1999.json --mode sequential --batch-size 100 \
+   --out $OUT/memit-seq1000-b --pre-from $OUT/ae-seq1000-b $EV --set z_batch=100
+$PY bench/compare_runs.py $OUT/ae-seq1000-b $OUT/memit-seq1000-b --metrics efficacy,specificity \
+    --out bench/results/compare-seq1000-b.json
