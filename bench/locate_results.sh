@@ -72,5 +72,7 @@ $F -q eval --method alphaedit --bench counterfact --data $OUT/cf-1000-1999.json 
    --out $OUT/ae-seq1000-b $EV --set z_batch=100
 $F -q eval --method memit --bench counterfact --data $OUT/cf-1000-1999.json --mode sequential --batch-size 100 \
    --out $OUT/memit-seq1000-b --pre-from $OUT/ae-seq1000-b $EV --set z_batch=100
-$PY bench/compare_runs.py $OUT/ae-seq1000-b $OUT/memit-seq1000-b --metrics efficacy,specificity \
-    --out bench/results/compare-seq1000-b.json
+$F -q eval --method nse --bench counterfact --data $OUT/cf-1000-1999.json --mode sequential --batch-size 100 \
+   --out $OUT/nse-seq1000-b --pre-from $OUT/ae-seq1000-b $EV --set z_batch=100
+$PY bench/compare_runs.py $OUT/nse-seq1000-b $OUT/ae-seq1000-b $OUT/memit-seq1000-b \
+    --metrics efficacy,specificity,specificity_magnitude --out bench/results/compare-seq1000-b.json
