@@ -105,8 +105,8 @@ def main():
                 if rounds:
                     at_edit.append(scores(lm, rounds[len(metas) - 1])["efficacy"])
             dt = time.time() - t  # includes the per-round scoring with --by-round
-            post = scores(lm, scored, text, args.ppl_tokens)
-            at_end = [scores(lm, r)["efficacy"] for r in rounds]
+            post = scores(lm, scored, text, args.ppl_tokens, groups=[len(r) for r in rounds])
+            at_end = post.pop("efficacy_by_group", [])
         finally:
             for h in reversed(handles):
                 h.revert()

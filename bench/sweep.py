@@ -26,9 +26,15 @@ from factedit.eval.scoring import perplexity
 from factedit.lm.load import load_lm
 
 
-def scores(lm, cases, text=None, ppl_tokens=0):
-    m = aggregate([{k: v for k, v in r.items() if k != "raw"} for r in score_cases(lm, cases, "counterfact")])
+def scores(lm, cases, text=None, ppl_tokens=0, groups=()):
+    """Efficacy / generalisation / specificity of ``cases`` (and WikiText-2 perplexity); with ``groups`` (the
+    sizes of consecutive runs of ``cases``), also each run's efficacy, from the same per-case scores."""
+    recs = [{k: v for k, v in r.items() if k != "raw"} for r in score_cases(lm, cases, "counterfact")]
+    m = aggregate(recs)
     out = {k: m[k] for k in ("efficacy", "generalization", "specificity")}
+    if groups:
+        ends = list(itertools.accumulate(groups))
+        out["efficacy_by_group"] = [aggregate(recs[e - g : e])["efficacy"] for g, e in zip(groups, ends)]
     if ppl_tokens and text:
         out["perplexity"] = round(perplexity(lm, text, ppl_tokens), 4)  # WikiText-2 test
     return out
