@@ -2,7 +2,9 @@
 
     python bench/compare_runs.py RUN_A RUN_B [RUN_C ...] [--metrics efficacy,specificity] [--out FILE]
 
-Each RUN is a run folder (its `cases.jsonl`). The runs are compared on the records they all hold, by
+Each RUN is a run folder (its `cases.jsonl`), or several run folders joined by commas, whose records are
+pooled (runs of one method on disjoint samples, e.g. `runs/nse-b,runs/nse-c`; they must not share a
+case_id). The runs are compared on the records they all hold, by
 `case_id`. For every metric the script prints each run's post-edit mean (percent) and, for every pair of
 runs, how many records are better in one than the other and the exact two-sided McNemar (sign) p-value
 over those discordant records. CounterFact's efficacy / generalisation / specificity are 0-1 per record
@@ -38,6 +40,20 @@ def load_cases(run: Path) -> dict[int, dict]:
     return out
 
 
+def load_pooled(spec: str) -> dict[int, dict]:
+    """The records of one run folder, or of several joined by commas (disjoint samples of one method)."""
+    out: dict[int, dict] = {}
+    seen: dict[int, str] = {}
+    for part in [x for x in spec.split(",") if x]:
+        for cid, post in load_cases(Path(part)).items():
+            if cid in out:
+                raise SystemExit(f"{spec}: case_id {cid} is in both {seen[cid]} and {part}; pool only disjoint samples")
+            out[cid], seen[cid] = post, part
+    if not out:
+        raise SystemExit(f"{spec!r}: no run folder given")
+    return out
+
+
 def sign_test(wins: int, losses: int) -> float:
     """Exact two-sided binomial p-value for `wins` against `losses` under p = 1/2."""
     n = wins + losses
@@ -68,14 +84,13 @@ def compare(runs: dict[str, dict[int, dict]], metrics: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("runs", nargs="+", help="run folders; join several with commas to pool their records")
     ap.add_argument("--metrics", default="efficacy,generalization,specificity")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if len(args.runs) < 2:
         raise SystemExit("give at least two run folders")
-    names = [str(r) for r in args.runs]
-    runs = {n: load_cases(r) for n, r in zip(names, args.runs)}
+    runs = {r: load_pooled(r) for r in args.runs}
     res = compare(runs, [m.strip() for m in args.metrics.split(",") if m.strip()])
     print(f"{res['n_records']} records in common")
     for n, ms in res["means"].items():

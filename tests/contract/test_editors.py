@@ -1,6 +1,8 @@
 """One table of contracts over every editor x tiny architecture."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from tiny import CORPUS, FAMILIES, tiny_lm
 
 # Strong settings: the tiny random models need large steps to learn anything in a few iterations.
 _TMP = Path(tempfile.mkdtemp(prefix="factedit-contract-"))
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)  # its statistics cache: nothing left in /tmp
 (_TMP / "corpus.txt").write_text("\n\n".join(CORPUS * 20))
 # Locate-then-edit settings under which tiny random models move (large clamp, small λ, few templates).
 _LOCATE = dict(layers=(1, 2), mom2_corpus=str(_TMP / "corpus.txt"), mom2_tokens=1500, mom2_max_len=64,

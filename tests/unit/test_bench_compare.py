@@ -45,3 +45,13 @@ def test_bad_run_folder_is_named(tmp_path):
     (tmp_path / "cases.jsonl").write_text('{"case_id": 1}\n')
     with pytest.raises(SystemExit, match=r"cases.jsonl:1: not a case record"):
         cr.load_cases(tmp_path)
+
+
+def test_pooled_runs_join_disjoint_samples_and_refuse_overlap(tmp_path):
+    a = write_run(tmp_path / "a", {1: {"specificity": 1.0}, 2: {"specificity": 0.0}})
+    b = write_run(tmp_path / "b", {3: {"specificity": 1.0}})
+    c = write_run(tmp_path / "c", {2: {"specificity": 1.0}})
+    pooled = cr.load_pooled(f"{a},{b}")
+    assert pooled == {1: {"specificity": 1.0}, 2: {"specificity": 0.0}, 3: {"specificity": 1.0}}
+    with pytest.raises(SystemExit, match=r"case_id 2 is in both .*a and .*c"):
+        cr.load_pooled(f"{a},{c}")
