@@ -76,3 +76,19 @@ $F -q eval --method nse --bench counterfact --data $OUT/cf-1000-1999.json --mode
    --out $OUT/nse-seq1000-b --pre-from $OUT/ae-seq1000-b $EV --set z_batch=100
 $PY bench/compare_runs.py $OUT/nse-seq1000-b $OUT/ae-seq1000-b $OUT/memit-seq1000-b \
     --metrics efficacy,specificity,specificity_magnitude --out bench/results/compare-seq1000-b.json
+# session 14: a third sample, CounterFact-edit records 2000-2999 (NSE first: it records the unedited model's figures)
+$PY -c "import gzip,json,sys; json.dump(json.load(gzip.open(sys.argv[1],'rt'))[2000:3000],open(sys.argv[2],'w'))" \
+    "${FACTEDIT_DATA:-../shared/data}/counterfact/counterfact-edit.json.gz" $OUT/cf-2000-2999.json
+$F -q eval --method nse --bench counterfact --data $OUT/cf-2000-2999.json --mode sequential --batch-size 100 \
+   --out $OUT/nse-seq1000-c $EV --set z_batch=100
+$F -q eval --method memit --bench counterfact --data $OUT/cf-2000-2999.json --mode sequential --batch-size 100 \
+   --out $OUT/memit-seq1000-c --pre-from $OUT/nse-seq1000-c $EV --set z_batch=100
+$F -q eval --method alphaedit --bench counterfact --data $OUT/cf-2000-2999.json --mode sequential --batch-size 100 \
+   --out $OUT/ae-seq1000-c --pre-from $OUT/nse-seq1000-c $EV --set z_batch=100
+$PY bench/compare_runs.py $OUT/nse-seq1000-c $OUT/ae-seq1000-c $OUT/memit-seq1000-c \
+    --metrics efficacy,specificity,specificity_magnitude --out bench/results/compare-seq1000-c.json
+# the second and third samples pooled (comma-joined run folders; the first sample's runs are summarised in
+# bench/results/compare-seq1000.json, whose counts add to these)
+$PY bench/compare_runs.py $OUT/nse-seq1000-b,$OUT/nse-seq1000-c $OUT/ae-seq1000-b,$OUT/ae-seq1000-c \
+    $OUT/memit-seq1000-b,$OUT/memit-seq1000-c --metrics efficacy,specificity,specificity_magnitude \
+    --out bench/results/compare-seq1000-bc.json
