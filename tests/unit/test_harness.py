@@ -27,10 +27,10 @@ def zsre_cases():
                      paraphrase_prompts=("Danielle Darrieux speaks",), locality=(("The capital of France is", "Paris"),))]
 
 
-def run(tmp_path, name, mode, cases=None, bench="counterfact", **kw):
+def run(tmp_path, name, mode, cases=None, bench="counterfact", eval_cfg=ECFG, **kw):
     lm = tiny_lm("llama")
     return Runner(lm, get_editor("ft", lm, **FT), cases or cf_cases(), bench=bench, mode=mode, out=tmp_path / name,
-                  edit_batch=2, eval_cfg=ECFG, general_text=TEXT, **kw).run()
+                  edit_batch=2, eval_cfg=eval_cfg, general_text=TEXT, **kw).run()
 
 
 @pytest.mark.parametrize("mode", ["batch", "sequential", "single"])
@@ -93,3 +93,65 @@ def test_pre_only_evaluates_the_unedited_model(tmp_path, monkeypatch):
     monkeypatch.setattr(ft.FTEditor, "_compute", lambda *a: (_ for _ in ()).throw(AssertionError("edited")))
     s = run(tmp_path, "pre", "batch", pre_only=True)
     assert s["method"] == "none" and s["n_cases"] == 4 and s["post"] == {} and "efficacy" in s["pre"]
+
+
+def test_after_round_scores_each_round_right_after_it(tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(ECFG, after_round=True)
+    s = run(tmp_path, "ar", "sequential", eval_cfg=cfg)
+    out = tmp_path / "ar"
+    after = {r["index"]: r for r in map(json.loads, (out / "after_round.jsonl").read_text().splitlines())}
+    assert {i: r["round"] for i, r in after.items()} == {0: 0, 1: 0, 2: 1, 3: 1}  # edit_batch 2: two rounds
+    end = {r["index"]: r for r in map(json.loads, (out / "cases.jsonl").read_text().splitlines())}
+    # the last round is scored on the same model right after it and at the end: the same scores
+    for i in (2, 3):
+        assert after[i]["post"]["raw"] == end[i]["post"]["raw"]
+    # round 0's records were scored before round 1 was applied: FT's second round moves them
+    assert any(after[i]["post"]["raw"] != end[i]["post"]["raw"] for i in (0, 1))
+    assert [r["round"] for r in s["by_round"]] == [0, 1] and all(r["n"] == 2 for r in s["by_round"])
+    assert s["by_round"][1]["after_round"] == s["by_round"][1]["at_end"]
+    from factedit.eval.metrics import aggregate
+
+    want = aggregate([{k: v for k, v in after[i]["post"].items() if k != "raw"} for i in range(4)])
+    assert s["after_round"] == want and s["after_round"]["efficacy"] > s["pre"]["efficacy"]
+    from factedit.eval.report import table
+
+    assert "right after each round: efficacy" in table(s)
+    # a re-run resumes without scoring anything again, and without after_round the summary has no such keys
+    again = run(tmp_path, "ar", "sequential", eval_cfg=cfg)
+    assert len((out / "after_round.jsonl").read_text().splitlines()) == 4 and again["by_round"] == s["by_round"]
+    assert "by_round" not in run(tmp_path, "plain", "sequential")
+
+
+def test_after_round_resumes_after_an_interruption(tmp_path, monkeypatch):
+    import dataclasses
+
+    cfg = dataclasses.replace(ECFG, after_round=True)
+    full = run(tmp_path, "full", "sequential", eval_cfg=cfg)
+    from factedit.methods import ft
+
+    calls = {"n": 0}
+    orig = ft.FTEditor._compute
+
+    def flaky(self, lm, reqs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return orig(self, lm, reqs)
+
+    monkeypatch.setattr(ft.FTEditor, "_compute", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "resumed", "sequential", eval_cfg=cfg)
+    assert len((tmp_path / "resumed" / "after_round.jsonl").read_text().splitlines()) == 2  # round 0 only
+    resumed = run(tmp_path, "resumed", "sequential", eval_cfg=cfg)
+    assert resumed["by_round"] == full["by_round"] and resumed["after_round"] == full["after_round"]
+
+
+def test_old_run_folder_without_a_newer_eval_setting_still_resumes(tmp_path):
+    s = run(tmp_path, "old", "batch")
+    cfg_path = tmp_path / "old" / "run.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["eval"]["after_round"]  # as written before the setting existed
+    cfg_path.write_text(json.dumps(cfg))
+    assert run(tmp_path, "old", "batch")["post"] == s["post"]

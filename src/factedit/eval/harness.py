@@ -2,13 +2,15 @@
 
 A run folder holds ``run.json`` (the resolved configuration), ``pre.jsonl`` (pre-edit records),
 ``cases.jsonl`` (pre and post per case, written as it goes), the saved patches (``patch/`` in batch
-mode, ``rounds/NNNN/`` in sequential mode), ``general.json`` (perplexity, fluency), ``timing.json``
+mode, ``rounds/NNNN/`` in sequential mode), ``after_round.jsonl`` (sequential mode with ``after_round``: each
+round's records scored right after that round), ``general.json`` (perplexity, fluency), ``timing.json``
 and finally ``summary.json``. Re-running the same command resumes where it stopped; a folder that
 holds a different run is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -44,6 +46,10 @@ class EvalConfig:
     gen_length: int = 100  # total tokens (prompt + continuation) per generated text (CounterFact: 100)
     gen_top_k: int = 5  # top-k sampling for fluency (CounterFact: 5)
     seed: int = 0
+    # Sequential mode: also score each round's records right after that round (on the model edited up to
+    # it), besides once at the end of the stream. The summary then reports both, overall and per round:
+    # how well each round's edits took, and how much of them the later rounds left standing.
+    after_round: bool = False
 
 
 def _timing(out: Path) -> dict[str, float]:
@@ -86,6 +92,8 @@ class Runner:
         cfg_path = self.out / "run.json"
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
+            if isinstance(old.get("eval"), dict):  # folders written before an eval setting existed: its default
+                old["eval"] = {**dataclasses.asdict(EvalConfig()), **old["eval"]}
             if old != json.loads(json.dumps(self.run_config, default=str)):
                 diff = [k for k in self.run_config if old.get(k) != json.loads(json.dumps(self.run_config[k], default=str))]
                 raise FactEditError(f"run folder '{self.out}' holds a different run (differs in: {', '.join(diff)}); "
@@ -202,9 +210,12 @@ class Runner:
         if self.pre_only:  # baseline figures of the unedited model: no edits at all
             return self._summarise(general, [{"index": i, "pre": r, "post": {}} for i, r in sorted(pre.items())])
         done = {r["index"] for r in read_jsonl(self.out / "cases.jsonl")}
+        after = self.mode == "sequential" and self.cfg.after_round
+        after_done = {r["index"] for r in read_jsonl(self.out / "after_round.jsonl")} if after else set()
         handles = []
         try:
-            with JsonlWriter(self.out / "cases.jsonl") as w:
+            with JsonlWriter(self.out / "cases.jsonl") as w, \
+                    (JsonlWriter(self.out / "after_round.jsonl") if after else contextlib.nullcontext()) as aw:
                 if self.mode == "single":
                     todo = [i for i in range(len(self.cases)) if i not in done]
                     for i in tqdm(todo, desc="single edits", disable=None):
@@ -233,6 +244,8 @@ class Runner:
                         if seq and r > saved_round:
                             self.editor.commit(patch)
                             self.editor.save_state(state_dir, round=r)
+                        if after and (left := [i for i in idx if i not in after_done]):
+                            self._post_records(left, pre, aw, extra={"round": r})
                     todo = [i for i in range(len(self.cases)) if i not in done]
                     for s in tqdm(range(0, len(todo), 64), desc="post-edit eval", disable=None if todo else True):
                         self._post_records(todo[s : s + 64], pre, w)
@@ -252,17 +265,39 @@ class Runner:
             for k, v in general.get(phase, {}).items():
                 if k != "samples":
                     target[k] = v
+        by_round = (self._by_round(recs) if self.mode == "sequential" and self.cfg.after_round and not self.pre_only
+                    and recs else None)
         t = _timing(self.out)
         summary = {
             "method": "none" if self.pre_only else self.editor.name, "model": self.lm.name, "bench": self.bench, "mode": self.mode,
             "n_cases": len(recs), "edit_batch": self.run_config["edit_batch"], "pre": pre_m, "post": post_m,
             "timing": {"edit_s": round(t["edit_s"], 2), "eval_s": round(t["eval_s"], 2),
                        "edit_s_per_fact": round(t["edit_s"] / max(1, len(recs)), 3)},
+            **(by_round or {}),
             "method_config": self.editor.config_dict(), "preset": self.editor.preset,
             "fluency_samples": {p: general.get(p, {}).get("samples", []) for p in ("pre", "post")},
         }
         write_json(self.out / "summary.json", summary)
         return summary
+
+    def _by_round(self, recs: list[dict]) -> dict:
+        """``after_round``: each round's records right after the round, overall and per round, with the same
+        records at the end of the stream beside them (the retention of that round's edits)."""
+        main = ("efficacy", "generalization", "specificity", "locality")
+        after = {r["index"]: r for r in read_jsonl(self.out / "after_round.jsonl")}
+        missing = [r["index"] for r in recs if r["index"] not in after]
+        if missing:
+            raise FactEditError(f"{self.out / 'after_round.jsonl'}: no record for case index {missing[0]} "
+                                f"({len(missing)} missing); remove the run folder and run again")
+        post = lambda r: {k: v for k, v in r["post"].items() if k != "raw"}  # noqa: E731
+        rounds = sorted({after[r["index"]]["round"] for r in recs})
+        per = []
+        for k in rounds:
+            rs = [r for r in recs if after[r["index"]]["round"] == k]
+            a, e = aggregate([post(after[r["index"]]) for r in rs]), aggregate([post(r) for r in rs])
+            per.append({"round": k, "n": len(rs), "after_round": {m: a[m] for m in main if m in a},
+                        "at_end": {m: e[m] for m in main if m in e}})
+        return {"after_round": aggregate([post(after[r["index"]]) for r in recs]), "by_round": per}
 
 
 def run_eval(lm: LM, editor: Editor, cases: list[EvalCase], **kw) -> dict:

@@ -20,6 +20,11 @@ def table(summary: dict) -> str:
         fb = f"{b:9.2f}" if isinstance(b, (int, float)) else f"{'-':>9}"
         d = f"{b - a:+9.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else f"{'':>9}"
         lines.append(f"{k:<{width}}  {fa}  {fb}  {d}")
+    ar = summary.get("after_round")
+    if ar:
+        main = [k for k in ("efficacy", "generalization", "specificity", "locality") if k in ar and k in post]
+        lines.append("right after each round: " + ", ".join(f"{k} {ar[k]:.2f}" for k in main)
+                     + " | at the end: " + ", ".join(f"{k} {post[k]:.2f}" for k in main))
     t = summary.get("timing", {})
     if t:
         lines.append(f"edit {t.get('edit_s', 0):.1f} s ({t.get('edit_s_per_fact', 0):.3f} s/fact), "
