@@ -289,7 +289,10 @@ class Runner:
         if missing:
             raise FactEditError(f"{self.out / 'after_round.jsonl'}: no record for case index {missing[0]} "
                                 f"({len(missing)} missing); remove the run folder and run again")
-        post = lambda r: {k: v for k, v in r["post"].items() if k != "raw"}  # noqa: E731
+
+        def post(r: dict) -> dict:
+            return {k: v for k, v in r["post"].items() if k != "raw"}
+
         rounds = sorted({after[r["index"]]["round"] for r in recs})
         per = []
         for k in rounds:
