@@ -92,3 +92,9 @@ $PY bench/compare_runs.py $OUT/nse-seq1000-c $OUT/ae-seq1000-c $OUT/memit-seq100
 $PY bench/compare_runs.py $OUT/nse-seq1000-b,$OUT/nse-seq1000-c $OUT/ae-seq1000-b,$OUT/ae-seq1000-c \
     $OUT/memit-seq1000-b,$OUT/memit-seq1000-c --metrics efficacy,specificity,specificity_magnitude \
     --out bench/results/compare-seq1000-bc.json
+# session 14: each round's efficacy right after it and at the end (eval.after_round), the second sample again; the
+# z* of these sequential runs are read from the z* store (the runs reproduce their weights bit for bit)
+for m in memit:memit alphaedit:ae nse:nse; do
+  $F -q eval --method ${m%%:*} --bench counterfact --data $OUT/cf-1000-1999.json --mode sequential --batch-size 100 \
+     --out $OUT/${m##*:}-seq1000-b-ar --pre-from $OUT/ae-seq1000-b $EV --set eval.after_round=true --set z_batch=100
+done
