@@ -64,13 +64,14 @@ def _load_cases(bench: str, data: str | None, limit: int | None, zsre_target: st
 
 def cmd_eval(args) -> int:
     from .data.paths import default_data_dir
-    from .eval.harness import Runner, eval_config
+    from .eval.harness import Runner, check_mode, eval_config
     from .eval.report import table
     from .lm.load import load_lm
 
     m_over, e_over = _split_sets(args.set)
     cls = _editor_class_checked(args.method, m_over)
     ecfg = eval_config(e_over)
+    check_mode(ecfg, args.mode)
     if args.limit is not None and args.limit < 1:
         raise FactEditError("--limit must be at least 1")
     path, cases = _load_cases(args.bench, args.data, args.limit, args.zsre_target)

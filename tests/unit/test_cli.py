@@ -48,6 +48,8 @@ def test_methods_lists_both(capsys):
     (["eval", "--method", "ft", "--bench", "zsre", "--data", "nofile.json", "--out", "o"], "nofile.json' does not exist"),
     (["eval", "--method", "ft", "--bench", "zsre", "--data", "x", "--out", "o", "--set", "eval.bogus=1"],
      "unknown eval key 'bogus'"),
+    (["eval", "--method", "ft", "--bench", "zsre", "--data", "x", "--out", "o", "--mode", "batch",
+      "--set", "eval.after_round=true"], "mode 'batch' has no rounds"),
     (["apply", "--patch", "no-patch-here"], "no-patch-here' does not exist"),
 ])
 def test_bad_input_exits_2_before_model_work(no_model, capsys, argv, msg, tmp_path, monkeypatch):

@@ -155,3 +155,11 @@ def test_old_run_folder_without_a_newer_eval_setting_still_resumes(tmp_path):
     del cfg["eval"]["after_round"]  # as written before the setting existed
     cfg_path.write_text(json.dumps(cfg))
     assert run(tmp_path, "old", "batch")["post"] == s["post"]
+
+
+def test_after_round_outside_sequential_mode_is_refused_before_any_work(tmp_path):
+    import dataclasses
+
+    with pytest.raises(FactEditError, match="after_round .* mode 'batch' has no rounds"):
+        run(tmp_path, "b", "batch", eval_cfg=dataclasses.replace(ECFG, after_round=True))
+    assert not (tmp_path / "b").exists()

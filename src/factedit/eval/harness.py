@@ -76,6 +76,7 @@ class Runner:
         self.lm, self.editor, self.cases, self.bench, self.mode = lm, editor, cases, bench, mode
         self.out, self.edit_batch = Path(out), edit_batch
         self.cfg = eval_cfg or EvalConfig()
+        check_mode(self.cfg, mode)
         self.general_text = general_text
         self.pre_only = pre_only
         self.pre_from = Path(pre_from) if pre_from else None
@@ -305,6 +306,13 @@ class Runner:
 
 def run_eval(lm: LM, editor: Editor, cases: list[EvalCase], **kw) -> dict:
     return Runner(lm, editor, cases, **kw).run()
+
+
+def check_mode(cfg: EvalConfig, mode: str) -> None:
+    """Evaluation settings that only make sense in some modes."""
+    if cfg.after_round and mode != "sequential":
+        raise FactEditError(f"eval.after_round scores each round of a sequential run; mode '{mode}' has no rounds "
+                            "(use --mode sequential, or leave after_round off)")
 
 
 def eval_config(overrides: dict | None) -> EvalConfig:
