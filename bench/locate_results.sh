@@ -98,3 +98,8 @@ for m in memit:memit alphaedit:ae nse:nse; do
   $F -q eval --method ${m%%:*} --bench counterfact --data $OUT/cf-1000-1999.json --mode sequential --batch-size 100 \
      --out $OUT/${m##*:}-seq1000-b-ar --pre-from $OUT/ae-seq1000-b $EV --set eval.after_round=true --set z_batch=100
 done
+# session 14: NSE's α (the distance above which a request is re-edited) at 5 and 20 around the preset's 10 (z* from the store)
+for a in 5 20; do
+  $F -q eval --method nse --bench counterfact --data $OUT/cf-1000-1999.json --mode sequential --batch-size 100 \
+     --out $OUT/nse-seq1000-b-ar-alpha$a --pre-from $OUT/ae-seq1000-b $EV --set eval.after_round=true --set z_batch=100 --set alpha=$a
+done
