@@ -65,41 +65,44 @@ $PY bench/solve_sweep.py nse '{"mom2_update_weight":[5000,1500,300]}' --n 100 --
     --out bench/results/solve_sweep.jsonl
 $PY bench/solve_sweep.py nse '{"mom2_update_weight":[1500,5000]}' --n $N --rounds-of 100 --score-every 2 \
     --ppl-tokens 16384 --z-batch 100 --by-round --out bench/results/solve_sweep.jsonl
-# session 13: AlphaEdit against sequential MEMIT on a second sample, CounterFact-edit records 1000-1999
-$PY -c "import gzip,json,sys; json.dump(json.load(gzip.open(sys.argv[1],'rt'))[1000:2000],open(sys.argv[2],'w'))" \
-    "${FACTEDIT_DATA:-../shared/data}/counterfact/counterfact-edit.json.gz" $OUT/cf-1000-1999.json
-$F -q eval --method alphaedit --bench counterfact --data $OUT/cf-1000-1999.json --mode sequential --batch-size 100 \
-   --out $OUT/ae-seq1000-b $EV --set z_batch=100
-$F -q eval --method memit --bench counterfact --data $OUT/cf-1000-1999.json --mode sequential --batch-size 100 \
-   --out $OUT/memit-seq1000-b --pre-from $OUT/ae-seq1000-b $EV --set z_batch=100
-$F -q eval --method nse --bench counterfact --data $OUT/cf-1000-1999.json --mode sequential --batch-size 100 \
-   --out $OUT/nse-seq1000-b --pre-from $OUT/ae-seq1000-b $EV --set z_batch=100
-$PY bench/compare_runs.py $OUT/nse-seq1000-b $OUT/ae-seq1000-b $OUT/memit-seq1000-b \
-    --metrics efficacy,specificity,specificity_magnitude --out bench/results/compare-seq1000-b.json
-# session 14: a third sample, CounterFact-edit records 2000-2999 (NSE first: it records the unedited model's figures)
-$PY -c "import gzip,json,sys; json.dump(json.load(gzip.open(sys.argv[1],'rt'))[2000:3000],open(sys.argv[2],'w'))" \
-    "${FACTEDIT_DATA:-../shared/data}/counterfact/counterfact-edit.json.gz" $OUT/cf-2000-2999.json
-$F -q eval --method nse --bench counterfact --data $OUT/cf-2000-2999.json --mode sequential --batch-size 100 \
-   --out $OUT/nse-seq1000-c $EV --set z_batch=100
-$F -q eval --method memit --bench counterfact --data $OUT/cf-2000-2999.json --mode sequential --batch-size 100 \
-   --out $OUT/memit-seq1000-c --pre-from $OUT/nse-seq1000-c $EV --set z_batch=100
-$F -q eval --method alphaedit --bench counterfact --data $OUT/cf-2000-2999.json --mode sequential --batch-size 100 \
-   --out $OUT/ae-seq1000-c --pre-from $OUT/nse-seq1000-c $EV --set z_batch=100
-$PY bench/compare_runs.py $OUT/nse-seq1000-c $OUT/ae-seq1000-c $OUT/memit-seq1000-c \
-    --metrics efficacy,specificity,specificity_magnitude --out bench/results/compare-seq1000-c.json
+# More samples of 1,000 CounterFact-edit records, written to a file outside the repository and passed with --data.
+# cf_slice FROM TO FILE: records FROM..TO-1 of the shared file. seq1000 METHOD DATA OUT [ARGS]: 1,000 sequential
+# edits in rounds of 100, evaluated at the end (ARGS: --pre-from, more --set).
+cf_slice() {
+  $PY -c "import gzip,json,sys; json.dump(json.load(gzip.open(sys.argv[1],'rt'))[int(sys.argv[2]):int(sys.argv[3])],open(sys.argv[4],'w'))" \
+      "${FACTEDIT_DATA:-../shared/data}/counterfact/counterfact-edit.json.gz" "$1" "$2" "$3"
+}
+seq1000() {
+  local method=$1 data=$2 out=$3; shift 3
+  $F -q eval --method "$method" --bench counterfact --data "$data" --mode sequential --batch-size 100 --out "$out" \
+     $EV --set z_batch=100 "$@"
+}
+CMP="--metrics efficacy,specificity,specificity_magnitude"
+# session 13: AlphaEdit against sequential MEMIT on a second sample, records 1000-1999
+cf_slice 1000 2000 $OUT/cf-1000-1999.json
+seq1000 alphaedit $OUT/cf-1000-1999.json $OUT/ae-seq1000-b
+seq1000 memit $OUT/cf-1000-1999.json $OUT/memit-seq1000-b --pre-from $OUT/ae-seq1000-b
+seq1000 nse $OUT/cf-1000-1999.json $OUT/nse-seq1000-b --pre-from $OUT/ae-seq1000-b
+$PY bench/compare_runs.py $OUT/nse-seq1000-b $OUT/ae-seq1000-b $OUT/memit-seq1000-b $CMP \
+    --out bench/results/compare-seq1000-b.json
+# session 14: a third sample, records 2000-2999 (NSE first: it records the unedited model's figures)
+cf_slice 2000 3000 $OUT/cf-2000-2999.json
+seq1000 nse $OUT/cf-2000-2999.json $OUT/nse-seq1000-c
+seq1000 memit $OUT/cf-2000-2999.json $OUT/memit-seq1000-c --pre-from $OUT/nse-seq1000-c
+seq1000 alphaedit $OUT/cf-2000-2999.json $OUT/ae-seq1000-c --pre-from $OUT/nse-seq1000-c
+$PY bench/compare_runs.py $OUT/nse-seq1000-c $OUT/ae-seq1000-c $OUT/memit-seq1000-c $CMP \
+    --out bench/results/compare-seq1000-c.json
 # the second and third samples pooled (comma-joined run folders; the first sample's runs are summarised in
 # bench/results/compare-seq1000.json, whose counts add to these)
 $PY bench/compare_runs.py $OUT/nse-seq1000-b,$OUT/nse-seq1000-c $OUT/ae-seq1000-b,$OUT/ae-seq1000-c \
-    $OUT/memit-seq1000-b,$OUT/memit-seq1000-c --metrics efficacy,specificity,specificity_magnitude \
-    --out bench/results/compare-seq1000-bc.json
+    $OUT/memit-seq1000-b,$OUT/memit-seq1000-c $CMP --out bench/results/compare-seq1000-bc.json
 # session 14: each round's efficacy right after it and at the end (eval.after_round), the second sample again; the
 # z* of these sequential runs are read from the z* store (the runs reproduce their weights bit for bit)
 for m in memit:memit alphaedit:ae nse:nse; do
-  $F -q eval --method ${m%%:*} --bench counterfact --data $OUT/cf-1000-1999.json --mode sequential --batch-size 100 \
-     --out $OUT/${m##*:}-seq1000-b-ar --pre-from $OUT/ae-seq1000-b $EV --set eval.after_round=true --set z_batch=100
+  seq1000 ${m%%:*} $OUT/cf-1000-1999.json $OUT/${m##*:}-seq1000-b-ar --pre-from $OUT/ae-seq1000-b --set eval.after_round=true
 done
 # session 14: NSE's α (the distance above which a request is re-edited) at 5 and 20 around the preset's 10 (z* from the store)
 for a in 5 20; do
-  $F -q eval --method nse --bench counterfact --data $OUT/cf-1000-1999.json --mode sequential --batch-size 100 \
-     --out $OUT/nse-seq1000-b-ar-alpha$a --pre-from $OUT/ae-seq1000-b $EV --set eval.after_round=true --set z_batch=100 --set alpha=$a
+  seq1000 nse $OUT/cf-1000-1999.json $OUT/nse-seq1000-b-ar-alpha$a --pre-from $OUT/ae-seq1000-b \
+      --set eval.after_round=true --set alpha=$a
 done

@@ -52,8 +52,8 @@ def test_modes_write_run_folder_and_summary(tmp_path, mode):
     assert (out / ("rounds/0001" if mode == "sequential" else "patch")).exists() or mode == "single"
 
 
-def test_interrupted_sequential_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-    full = run(tmp_path, "full", "sequential")
+def interrupt_second_compute(monkeypatch) -> dict:
+    """FT's second patch computation raises KeyboardInterrupt; the returned dict counts the calls."""
     from factedit.methods import ft
 
     calls = {"n": 0}
@@ -66,6 +66,12 @@ def test_interrupted_sequential_run_resumes_to_the_same_result(tmp_path, monkeyp
         return orig(self, lm, reqs)
 
     monkeypatch.setattr(ft.FTEditor, "_compute", flaky)
+    return calls
+
+
+def test_interrupted_sequential_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    full = run(tmp_path, "full", "sequential")
+    calls = interrupt_second_compute(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "resumed", "sequential")
     assert (tmp_path / "resumed" / "rounds" / "0000").exists()
@@ -129,18 +135,7 @@ def test_after_round_resumes_after_an_interruption(tmp_path, monkeypatch):
 
     cfg = dataclasses.replace(ECFG, after_round=True)
     full = run(tmp_path, "full", "sequential", eval_cfg=cfg)
-    from factedit.methods import ft
-
-    calls = {"n": 0}
-    orig = ft.FTEditor._compute
-
-    def flaky(self, lm, reqs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return orig(self, lm, reqs)
-
-    monkeypatch.setattr(ft.FTEditor, "_compute", flaky)
+    interrupt_second_compute(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "resumed", "sequential", eval_cfg=cfg)
     assert len((tmp_path / "resumed" / "after_round.jsonl").read_text().splitlines()) == 2  # round 0 only

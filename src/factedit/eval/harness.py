@@ -30,7 +30,7 @@ from ..lm.load import LM
 from ..methods.base import Editor
 from ..patch.base import Patch
 from ..types import EvalCase
-from .metrics import aggregate, case_metrics, score_cases
+from .metrics import HEADLINE, aggregate, case_metrics, score_cases
 from .scoring import ngram_entropy, perplexity, sample_batch
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class Runner:
         if self.pre_only:  # baseline figures of the unedited model: no edits at all
             return self._summarise(general, [{"index": i, "pre": r, "post": {}} for i, r in sorted(pre.items())])
         done = {r["index"] for r in read_jsonl(self.out / "cases.jsonl")}
-        after = self.mode == "sequential" and self.cfg.after_round
+        after = self.cfg.after_round  # check_mode: only in sequential mode
         after_done = {r["index"] for r in read_jsonl(self.out / "after_round.jsonl")} if after else set()
         handles = []
         try:
@@ -266,8 +266,7 @@ class Runner:
             for k, v in general.get(phase, {}).items():
                 if k != "samples":
                     target[k] = v
-        by_round = (self._by_round(recs) if self.mode == "sequential" and self.cfg.after_round and not self.pre_only
-                    and recs else None)
+        by_round = self._by_round(recs) if self.cfg.after_round and not self.pre_only else None
         t = _timing(self.out)
         summary = {
             "method": "none" if self.pre_only else self.editor.name, "model": self.lm.name, "bench": self.bench, "mode": self.mode,
@@ -284,7 +283,6 @@ class Runner:
     def _by_round(self, recs: list[dict]) -> dict:
         """``after_round``: each round's records right after the round, overall and per round, with the same
         records at the end of the stream beside them (the retention of that round's edits)."""
-        main = ("efficacy", "generalization", "specificity", "locality")
         after = {r["index"]: r for r in read_jsonl(self.out / "after_round.jsonl")}
         missing = [r["index"] for r in recs if r["index"] not in after]
         if missing:
@@ -299,8 +297,8 @@ class Runner:
         for k in rounds:
             rs = [r for r in recs if after[r["index"]]["round"] == k]
             a, e = aggregate([post(after[r["index"]]) for r in rs]), aggregate([post(r) for r in rs])
-            per.append({"round": k, "n": len(rs), "after_round": {m: a[m] for m in main if m in a},
-                        "at_end": {m: e[m] for m in main if m in e}})
+            per.append({"round": k, "n": len(rs), "after_round": {m: a[m] for m in HEADLINE if m in a},
+                        "at_end": {m: e[m] for m in HEADLINE if m in e}})
         return {"after_round": aggregate([post(after[r["index"]]) for r in recs]), "by_round": per}
 
 

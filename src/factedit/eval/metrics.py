@@ -15,6 +15,7 @@ from ..types import EvalCase
 from .scoring import score_targets
 
 BENCHES = ("counterfact", "zsre")
+HEADLINE = ("efficacy", "generalization", "specificity", "locality")  # the per-round and summary lines
 
 
 def _probes(case: EvalCase, bench: str) -> list[tuple[str, int, str, str]]:

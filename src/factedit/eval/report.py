@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .metrics import HEADLINE
+
 ORDER = ["efficacy", "generalization", "specificity", "locality", "score", "efficacy_magnitude",
          "generalization_magnitude", "specificity_magnitude", "efficacy_acc", "generalization_acc",
          "specificity_acc", "perplexity", "fluency"]
@@ -22,7 +24,7 @@ def table(summary: dict) -> str:
         lines.append(f"{k:<{width}}  {fa}  {fb}  {d}")
     ar = summary.get("after_round")
     if ar:
-        main = [k for k in ("efficacy", "generalization", "specificity", "locality") if k in ar and k in post]
+        main = [k for k in HEADLINE if k in ar and k in post]
         lines.append("right after each round: " + ", ".join(f"{k} {ar[k]:.2f}" for k in main)
                      + " | at the end: " + ", ".join(f"{k} {post[k]:.2f}" for k in main))
     t = summary.get("timing", {})
