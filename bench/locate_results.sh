@@ -117,3 +117,8 @@ for m in alphaedit:ae nse:nse; do
 done
 $PY bench/compare_runs.py $OUT/gemma-nse-seq500 $OUT/gemma-ae-seq500 $OUT/gemma-memit-seq500 $CMP \
     --out bench/results/compare-gemma-seq500.json
+# session 15: NSE's λ on Gemma around the preset's 1500 (z* from the store: NSE's come from the original weights)
+for l in 5000 500; do
+  $F -q eval $GM --method nse $GSEQ --out $OUT/gemma-nse-seq500-l$l --pre-from $OUT/gemma-memit-seq500 \
+      --set mom2_update_weight=$l
+done
