@@ -122,3 +122,7 @@ for l in 5000 500; do
   $F -q eval $GM --method nse $GSEQ --out $OUT/gemma-nse-seq500-l$l --pre-from $OUT/gemma-memit-seq500 \
       --set mom2_update_weight=$l
 done
+# session 15: plain MEMIT on Gemma (no accumulated K Kᵀ), the other reading of the papers' sequential baseline
+$F -q eval $GM --method memit $GSEQ --out $OUT/gemma-memit-noacc-seq500 --pre-from $OUT/gemma-memit-seq500 --set accumulate=false
+$PY bench/compare_runs.py $OUT/gemma-nse-seq500 $OUT/gemma-ae-seq500 $OUT/gemma-memit-noacc-seq500 $CMP \
+    --out bench/results/compare-gemma-seq500-noacc.json
