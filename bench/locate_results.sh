@@ -78,28 +78,32 @@ seq1000() {
      $EV --set z_batch=100 "$@"
 }
 CMP="--metrics efficacy,specificity,specificity_magnitude"
+# rundir METHOD: the run folders' name for a method (ae for alphaedit)
+rundir() { [ "$1" = alphaedit ] && echo ae || echo "$1"; }
+# sample TAG FROM TO FIRST SECOND THIRD: records FROM..TO-1, the three methods in this order (the first records the
+# unedited model's figures, the others reuse them), then their paired comparison
+sample() {
+  local tag=$1 data=$OUT/cf-$2-$(($3 - 1)).json first=$4
+  cf_slice "$2" "$3" "$data"
+  seq1000 "$first" "$data" "$OUT/$(rundir "$first")-seq1000-$tag"
+  for m in "$5" "$6"; do
+    seq1000 "$m" "$data" "$OUT/$(rundir "$m")-seq1000-$tag" --pre-from "$OUT/$(rundir "$first")-seq1000-$tag"
+  done
+  $PY bench/compare_runs.py $OUT/nse-seq1000-$tag $OUT/ae-seq1000-$tag $OUT/memit-seq1000-$tag $CMP \
+      --out bench/results/compare-seq1000-$tag.json
+}
 # session 13: AlphaEdit against sequential MEMIT on a second sample, records 1000-1999
-cf_slice 1000 2000 $OUT/cf-1000-1999.json
-seq1000 alphaedit $OUT/cf-1000-1999.json $OUT/ae-seq1000-b
-seq1000 memit $OUT/cf-1000-1999.json $OUT/memit-seq1000-b --pre-from $OUT/ae-seq1000-b
-seq1000 nse $OUT/cf-1000-1999.json $OUT/nse-seq1000-b --pre-from $OUT/ae-seq1000-b
-$PY bench/compare_runs.py $OUT/nse-seq1000-b $OUT/ae-seq1000-b $OUT/memit-seq1000-b $CMP \
-    --out bench/results/compare-seq1000-b.json
+sample b 1000 2000 alphaedit memit nse
 # session 14: a third sample, records 2000-2999 (NSE first: it records the unedited model's figures)
-cf_slice 2000 3000 $OUT/cf-2000-2999.json
-seq1000 nse $OUT/cf-2000-2999.json $OUT/nse-seq1000-c
-seq1000 memit $OUT/cf-2000-2999.json $OUT/memit-seq1000-c --pre-from $OUT/nse-seq1000-c
-seq1000 alphaedit $OUT/cf-2000-2999.json $OUT/ae-seq1000-c --pre-from $OUT/nse-seq1000-c
-$PY bench/compare_runs.py $OUT/nse-seq1000-c $OUT/ae-seq1000-c $OUT/memit-seq1000-c $CMP \
-    --out bench/results/compare-seq1000-c.json
+sample c 2000 3000 nse memit alphaedit
 # the second and third samples pooled (comma-joined run folders; the first sample's runs are summarised in
 # bench/results/compare-seq1000.json, whose counts add to these)
 $PY bench/compare_runs.py $OUT/nse-seq1000-b,$OUT/nse-seq1000-c $OUT/ae-seq1000-b,$OUT/ae-seq1000-c \
     $OUT/memit-seq1000-b,$OUT/memit-seq1000-c $CMP --out bench/results/compare-seq1000-bc.json
 # session 14: each round's efficacy right after it and at the end (eval.after_round), the second sample again; the
 # z* of these sequential runs are read from the z* store (the runs reproduce their weights bit for bit)
-for m in memit:memit alphaedit:ae nse:nse; do
-  seq1000 ${m%%:*} $OUT/cf-1000-1999.json $OUT/${m##*:}-seq1000-b-ar --pre-from $OUT/ae-seq1000-b --set eval.after_round=true
+for m in memit alphaedit nse; do
+  seq1000 $m $OUT/cf-1000-1999.json $OUT/$(rundir $m)-seq1000-b-ar --pre-from $OUT/ae-seq1000-b --set eval.after_round=true
 done
 # session 14: NSE's α (the distance above which a request is re-edited) at 5 and 20 around the preset's 10 (z* from the store)
 for a in 5 20; do
@@ -112,8 +116,8 @@ done
 GM="--model gemma3-270m"
 GSEQ="--bench counterfact --limit 500 --mode sequential --batch-size 100 --set eval.after_round=true --set autocast=bf16 --set z_batch=100"
 $F -q eval $GM --method memit $GSEQ --out $OUT/gemma-memit-seq500
-for m in alphaedit:ae nse:nse; do
-  $F -q eval $GM --method ${m%%:*} $GSEQ --out $OUT/gemma-${m##*:}-seq500 --pre-from $OUT/gemma-memit-seq500
+for m in alphaedit nse; do
+  $F -q eval $GM --method $m $GSEQ --out $OUT/gemma-$(rundir $m)-seq500 --pre-from $OUT/gemma-memit-seq500
 done
 $PY bench/compare_runs.py $OUT/gemma-nse-seq500 $OUT/gemma-ae-seq500 $OUT/gemma-memit-seq500 $CMP \
     --out bench/results/compare-gemma-seq500.json
