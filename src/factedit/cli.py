@@ -91,9 +91,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _read_stream_state(state_dir: Path | None, method: str, chain: list[str], on: list[str]) -> dict | None:
+    """The record of an editor state folder written by ``factedit edit --state`` (None: a new stream), checked
+    against the method and the ``--on`` patches before any model work."""
+    import json
+
+    if state_dir is None:
+        return None
+    rec_path = state_dir / "state.json"
+    if not rec_path.is_file():
+        if state_dir.exists() and (not state_dir.is_dir() or any(state_dir.iterdir())):
+            raise FactEditError(f"--state {state_dir}: not an editor state folder (no state.json)")
+        if on:
+            raise FactEditError(f"--state {state_dir} does not exist, but --on gives {len(on)} earlier round(s): "
+                                "pass the state folder those rounds wrote")
+        return None
+    try:
+        rec = json.loads(rec_path.read_text())
+    except ValueError as e:
+        raise FactEditError(f"{rec_path}: not valid JSON ({e})") from None
+    if rec.get("method") != method:
+        raise FactEditError(f"--state {state_dir} holds a stream of {rec.get('method')} edits, not {method}")
+    saved = rec.get("chain")
+    if not isinstance(saved, list):
+        raise FactEditError(f"--state {state_dir} was not written by 'factedit edit' (no round list); "
+                            "start a new state folder")
+    for i in range(max(len(saved), len(chain))):
+        have = chain[i] if i < len(chain) else None
+        want = saved[i] if i < len(saved) else None
+        if have != want:
+            if want is None:
+                why = f"--on {on[i]} is not a round of this stream (it committed {len(saved)})"
+            elif have is None:
+                why = f"round {i + 1} of {len(saved)} is missing from --on"
+            else:
+                why = f"--on {on[i]} is not round {i + 1} of this stream (patch {have}, the state has {want})"
+            raise FactEditError(f"--state {state_dir}: {why}; --on must list the patches this state committed, "
+                                "in order")
+    return rec
+
+
 def cmd_edit(args) -> int:
     from .data import load_facts
     from .lm.load import load_lm
+    from .patch.io import load_patch, patch_digest
 
     m_over, _ = _split_sets(args.set)
     cls = _editor_class_checked(args.method, m_over)
@@ -101,15 +142,56 @@ def cmd_edit(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FactEditError(f"output folder '{out}' exists and is not empty (use --overwrite)")
+    on = list(args.on or [])
+    earlier = [load_patch(p) for p in on]  # each folder read and checked before the model loads
+    state_dir = Path(args.state) if args.state else None
+    if any(out.resolve() == Path(p).resolve() for p in on) or (state_dir and out.resolve() == state_dir.resolve()):
+        raise FactEditError("--out must be a new folder, not one of the --on patches or the --state folder")
+    chain = [patch_digest(p) for p in on]
+    rec = _read_stream_state(state_dir, args.method, chain, on)
     lm = load_lm(args.model, device=args.device)
     editor = cls.create(lm, m_over)
-    t0 = time.perf_counter()
-    patch = editor.compute(lm, requests)
-    dt = time.perf_counter() - t0
-    patch.meta["edit_s"] = dt
-    patch.save(out)
-    print(f"{len(requests)} facts edited with {args.method} in {dt:.1f} s ({patch.n_params():,} patch parameters); "
-          f"patch saved to {out}")
+    if rec is None and on and editor.remembers_rounds:
+        raise FactEditError(f"{args.method} remembers earlier rounds (their accumulated keys): editing on top of "
+                            "--on patches needs --state DIR, the folder those rounds wrote")
+    if rec is not None:
+        if rec.get("base_fingerprint") != lm.fingerprint:
+            raise FactEditError(f"--state {state_dir} belongs to a model with fingerprint {rec.get('base_fingerprint')}, "
+                                f"not {lm.name} ({lm.fingerprint})")
+        now, old = editor.config_dict(), rec.get("config", {})
+        bad = [k for k in editor.STATE_KEYS if old.get(k) != now.get(k)]
+        if bad:
+            raise FactEditError(f"--state {state_dir} was accumulated with other {', '.join(bad)} "
+                                f"({', '.join(f'{k}={old.get(k)}' for k in bad)}); start a new state folder")
+        changed = sorted(k for k in now if k in old and old[k] != now[k])
+        if changed:
+            log.warning("%s: config differs from the earlier rounds' in %s", args.method, ", ".join(changed))
+        editor.load_state(state_dir)
+    handles = []
+    try:
+        for path, p in zip(on, earlier):
+            if p.method != args.method:
+                log.warning("--on %s was made by %s, not %s", path, p.method, args.method)
+            handles.append(p.apply(lm))
+        t0 = time.perf_counter()
+        patch = editor.compute(lm, requests)
+        dt = time.perf_counter() - t0
+        patch.meta["edit_s"] = dt
+        if state_dir is not None:
+            patch.meta["round"] = len(chain) + 1
+        patch.save(out)
+        if state_dir is not None:
+            # the patch is saved first: an interruption here leaves the state at the earlier rounds, and
+            # re-running the command with --overwrite recomputes the same round
+            editor.commit(patch)
+            editor.save_state(state_dir, chain=chain + [patch_digest(out)], base_fingerprint=lm.fingerprint,
+                              model=lm.name, n_facts=(rec or {}).get("n_facts", 0) + len(requests))
+    finally:
+        for h in reversed(handles):
+            h.revert()
+    where = f" on top of {len(on)} earlier round(s)" if on else ""
+    print(f"{len(requests)} facts edited with {args.method}{where} in {dt:.1f} s ({patch.n_params():,} patch "
+          f"parameters); patch saved to {out}" + (f"; state in {state_dir} (round {len(chain) + 1})" if state_dir else ""))
     return 0
 
 
@@ -119,28 +201,36 @@ def cmd_apply(args) -> int:
     from .lm.load import load_lm
     from .patch.io import load_patch
 
-    patch = load_patch(args.patch)
+    patches = [load_patch(p) for p in args.patch]
     if args.merge and not args.out:
         raise FactEditError("--merge needs --out DIR to write the merged model")
-    if args.merge and patch.kind != "weights":
-        raise FactEditError(f"{args.patch}: a {patch.kind} patch ({patch.method}) is input-dependent and cannot be "
-                            "merged into weights; apply it at load time instead")
+    for path, patch in zip(args.patch, patches):
+        if args.merge and patch.kind != "weights":
+            raise FactEditError(f"{path}: a {patch.kind} patch ({patch.method}) is input-dependent and cannot be "
+                                "merged into weights; apply it at load time instead")
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise FactEditError(f"output folder '{args.out}' exists and is not empty")
     lm = load_lm(args.model, device=args.device)
-    prompts = args.prompt or [r.prompt for r in patch.requests][:10]
+    prompts = args.prompt or [r.prompt for p in patches for r in p.requests][:10]
     before = [sample(lm, p, len(p.split()) + 16, greedy=True, stop_at_eos=True) for p in prompts]
-    handle = patch.apply(lm, force=args.force)
-    for p, b in zip(prompts, before):
-        a = sample(lm, p, len(p.split()) + 16, greedy=True, stop_at_eos=True)
-        print(f"{p}\n   before: {b.strip()[:80]}\n   after:  {a.strip()[:80]}")
-    if args.merge:
-        handle.merge()
-        out = Path(args.out)
-        with atomic_dir(out) as tmp:
-            lm.model.save_pretrained(tmp, safe_serialization=True)
-            lm.tokenizer.save_pretrained(tmp)
-        print(f"merged model saved to {out}")
+    handles = []
+    try:
+        for patch in patches:  # in order: the rounds of a sequential stream
+            handles.append(patch.apply(lm, force=args.force))
+        for p, b in zip(prompts, before):
+            a = sample(lm, p, len(p.split()) + 16, greedy=True, stop_at_eos=True)
+            print(f"{p}\n   before: {b.strip()[:80]}\n   after:  {a.strip()[:80]}")
+        if args.merge:
+            for h in handles:
+                h.merge()
+            out = Path(args.out)
+            with atomic_dir(out) as tmp:
+                lm.model.save_pretrained(tmp, safe_serialization=True)
+                lm.tokenizer.save_pretrained(tmp)
+            print(f"merged model saved to {out}" + (f" ({len(patches)} patches)" if len(patches) > 1 else ""))
+    finally:
+        for h in reversed(handles):
+            h.revert()
     return 0
 
 
@@ -280,11 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--facts", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--on", action="append", metavar="PATCH",
+                    help="a saved patch to apply first (repeatable, in order): the earlier rounds of a sequential stream")
+    sp.add_argument("--state", metavar="DIR",
+                    help="the editor's sequential state (accumulated K Kᵀ, templates, NSE's original weights): "
+                         "read if DIR exists, written back with this round added; it must have committed "
+                         "exactly the --on patches")
     sp.set_defaults(fn=cmd_edit)
 
     sp = sub.add_parser("apply", help="apply a saved patch; show its effect or save the merged model")
     sp.add_argument("--model", default="smollm2-135m")
-    sp.add_argument("--patch", required=True)
+    sp.add_argument("--patch", required=True, action="append",
+                    help="a saved patch folder; repeat to apply several in order (the rounds of a stream)")
     sp.add_argument("--merge", action="store_true")
     sp.add_argument("--out")
     sp.add_argument("--force", action="store_true", help="apply even if the base fingerprint differs")

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from factedit import cli
 from tiny import tiny_lm
@@ -208,3 +209,103 @@ def test_commands_without_a_model_ignore_the_device(monkeypatch, capsys):
     assert cli.main(["methods"]) == 0
     assert cli.main(["edit", "--method", "ft", "--facts", "x", "--out", "o"]) == 2
     assert "'tpu' is not a torch device" in capsys.readouterr().err
+
+
+# ---- sequential streams from the command line (edit --on / --state, apply with several patches) ----------------
+def _stream_sets(corpus, method):
+    from tiny import strong
+
+    kw = strong(corpus, v_steps=6)
+    if method == "alphaedit":
+        kw.update(nullspace_mode="relative", nullspace_threshold=0.05)
+    if method == "nse":
+        kw.update(alpha=0.0, upper_bound=1e9)
+    return kw, [x for k, v in kw.items() for x in ("--set", f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}")]
+
+
+def _reqs():
+    from tiny import locate_requests
+
+    return locate_requests()
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "nse"])
+def test_edit_rounds_with_state_equal_the_in_process_stream(method, tmp_path, tiny_folder, corpus, capsys, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    from factedit import get_editor
+    from factedit.lm.load import load_lm
+    from factedit.patch.io import load_patch
+
+    kw, sets = _stream_sets(corpus, method)
+    reqs = _reqs()
+    f1 = facts(tmp_path, [r.to_dict() for r in reqs[:2]])
+    f2 = tmp_path / "f2.jsonl"
+    f2.write_text(json.dumps(reqs[2].to_dict()) + "\n")
+    base = ["edit", "--model", str(tiny_folder), "--method", method, *sets, "--state", str(tmp_path / "st")]
+    assert cli.main(base + ["--facts", str(f1), "--out", str(tmp_path / "p1")]) == 0
+    assert cli.main(base + ["--facts", str(f2), "--out", str(tmp_path / "p2"), "--on", str(tmp_path / "p1")]) == 0
+    assert "on top of 1 earlier round" in capsys.readouterr().out
+    state = json.loads((tmp_path / "st" / "state.json").read_text())
+    assert len(state["chain"]) == 2 and state["n_facts"] == 3 and state["meta"]["n_committed"] == 3
+
+    # the same stream in one process: round 1 applied and committed, round 2 computed on top
+    lm = load_lm(str(tiny_folder))
+    ed = get_editor(method, lm, **kw, z_cache=False)
+    _, h1 = ed.apply(lm, reqs[:2])
+    want = ed.compute(lm, reqs[2:])
+    h1.revert()
+    got = load_patch(tmp_path / "p2")
+    assert got.deltas.keys() == want.deltas.keys()
+    for k in want.deltas:
+        assert torch.allclose(got.deltas[k].materialise(), want.deltas[k].materialise(), rtol=1e-5, atol=1e-6), k
+    # without the state, round 2 is a different edit (the accumulated keys of round 1 are missing)
+    alone = get_editor(method, lm, **kw, z_cache=False)
+    with load_patch(tmp_path / "p1").apply(lm):
+        fresh = alone.compute(lm, reqs[2:])
+    assert any(not torch.allclose(fresh.deltas[k].materialise(), want.deltas[k].materialise(), rtol=1e-3, atol=1e-5)
+               for k in want.deltas)
+
+    # the rounds merge in order into a model that equals base + p1 + p2
+    assert cli.main(["apply", "--model", str(tiny_folder), "--patch", str(tmp_path / "p1"), "--patch",
+                     str(tmp_path / "p2"), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    assert "2 patches" in capsys.readouterr().out
+    merged = load_lm(str(tmp_path / "merged"))
+    with load_patch(tmp_path / "p1").apply(lm), load_patch(tmp_path / "p2").apply(lm):
+        for (n, a), (_, b) in zip(lm.model.named_parameters(), merged.model.named_parameters()):
+            assert torch.equal(a, b), n
+
+
+def test_edit_stream_mistakes_are_refused_before_editing(tmp_path, tiny_folder, corpus, capsys, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    _, sets = _stream_sets(corpus, "alphaedit")
+    reqs = _reqs()
+    f = facts(tmp_path, [reqs[0].to_dict()])
+    base = ["edit", "--model", str(tiny_folder), "--method", "alphaedit", *sets, "--facts", str(f)]
+    st, p1 = str(tmp_path / "st"), str(tmp_path / "p1")
+    assert cli.main(base + ["--out", p1, "--state", st]) == 0
+    before = (tmp_path / "st" / "state.json").read_text()
+    capsys.readouterr()
+
+    def refused(argv, msg):
+        assert cli.main(base + argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err, err
+        assert not (tmp_path / "o").exists()
+        assert (tmp_path / "st" / "state.json").read_text() == before  # the state is untouched
+
+    refused(["--out", str(tmp_path / "o"), "--on", p1], "needs --state DIR")  # accumulated keys would be lost
+    refused(["--out", str(tmp_path / "o"), "--state", st], "round 1 of 1 is missing from --on")
+    refused(["--out", str(tmp_path / "o"), "--state", st, "--on", p1, "--on", p1], "is not a round of this stream")
+    refused(["--out", str(tmp_path / "o"), "--state", str(tmp_path / "new"), "--on", p1], "does not exist, but --on")
+    refused(["--out", str(tmp_path / "o"), "--state", st, "--on", p1, "--set", "layers=1"],
+            "accumulated with other layers")
+    refused(["--out", p1, "--state", st, "--on", p1, "--overwrite"], "--out must be a new folder")
+    assert cli.main(["edit", "--model", str(tiny_folder), "--method", "memit", *sets[:-4], "--facts", str(f),
+                     "--out", str(tmp_path / "o"), "--state", st, "--on", p1]) == 2
+    assert "holds a stream of alphaedit edits, not memit" in capsys.readouterr().err
+    # FT keeps no state: editing on top of a patch needs none
+    ft = ["--set", "layer=1", "--set", "steps=2"]
+    assert cli.main(["edit", "--model", str(tiny_folder), "--method", "ft", *ft, "--facts", str(f),
+                     "--out", str(tmp_path / "ft1")]) == 0
+    assert cli.main(["edit", "--model", str(tiny_folder), "--method", "ft", *ft, "--facts", str(f),
+                     "--out", str(tmp_path / "ft2"), "--on", str(tmp_path / "ft1")]) == 0

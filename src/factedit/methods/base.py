@@ -99,6 +99,16 @@ class Editor(ABC):
     def commit(self, patch: Patch) -> None:
         return None
 
+    @property
+    def remembers_rounds(self) -> bool:
+        """Whether the next round's edit depends on the committed earlier rounds beyond the model's weights
+        (MEMIT-seq, AlphaEdit and NSE: the accumulated K Kᵀ), so a stream must carry the editor state."""
+        return False
+
+    # config keys whose change makes a saved state meaningless (it was accumulated at those layers, with those
+    # templates); other keys (λ, steps, ...) may change between rounds
+    STATE_KEYS: ClassVar[tuple[str, ...]] = ()
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {}, {}
 

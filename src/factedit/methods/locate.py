@@ -82,6 +82,11 @@ class LocateEditor(Editor):
 
     Config = LocateConfig
     accumulates = True  # keeps Σ K Kᵀ of committed batches
+    STATE_KEYS = ("layers", "template_lengths", "templates_per_length", "template_seed", "key_average")
+
+    @property
+    def remembers_rounds(self) -> bool:  # type: ignore[override]
+        return bool(self.accumulates)
 
     def __init__(self, config=None, preset=None) -> None:
         super().__init__(config, preset)

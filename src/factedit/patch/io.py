@@ -41,6 +41,21 @@ def save_patch(patch: Patch, path) -> Path:
     return path
 
 
+def patch_digest(path) -> str:
+    """SHA-256 (first 16 hex digits) of a saved patch's tensors: what it does to a model, whatever its
+    manifest's timings say. Sequential editor states name the rounds they committed by it."""
+    import hashlib
+
+    f = Path(path) / TENSORS
+    if not f.is_file():
+        raise FactEditError(f"patch folder '{path}' is incomplete: {TENSORS} is missing")
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def load_patch(path) -> Patch:
     from .modules import ModulePatch
     from .weights import WeightPatch
