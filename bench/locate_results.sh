@@ -130,3 +130,12 @@ done
 $F -q eval $GM --method memit $GSEQ --out $OUT/gemma-memit-noacc-seq500 --pre-from $OUT/gemma-memit-seq500 --set accumulate=false
 $PY bench/compare_runs.py $OUT/gemma-nse-seq500 $OUT/gemma-ae-seq500 $OUT/gemma-memit-noacc-seq500 $CMP \
     --out bench/results/compare-gemma-seq500-noacc.json
+# session 16: the same three on Gemma at 1,000 sequential edits (the issue's protocol; rounds 1-5 read their z* from
+# the store, as the weights after each of the 500-edit runs' rounds are the same bit for bit)
+GSEQ1K="${GSEQ/--limit 500/--limit 1000}"
+$F -q eval $GM --method memit $GSEQ1K --out $OUT/gemma-memit-seq1000 --pre-from $OUT/gemma-memit-seq500
+for m in nse alphaedit; do
+  $F -q eval $GM --method $m $GSEQ1K --out $OUT/gemma-$(rundir $m)-seq1000 --pre-from $OUT/gemma-memit-seq1000
+done
+$PY bench/compare_runs.py $OUT/gemma-nse-seq1000 $OUT/gemma-ae-seq1000 $OUT/gemma-memit-seq1000 $CMP \
+    --out bench/results/compare-gemma-seq1000.json
