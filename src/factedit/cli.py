@@ -131,6 +131,28 @@ def _read_stream_state(state_dir: Path | None, method: str, chain: list[str], on
     return rec
 
 
+def _unfinished_round(out: Path, stream: dict | None) -> bool:
+    """Whether ``out`` holds this stream's round left uncommitted by an interruption (its patch saved, the state
+    not advanced), which re-running the same command may replace."""
+    import json
+
+    if stream is None:
+        return False
+    try:
+        meta = json.loads((out / "manifest.json").read_text()).get("meta", {})
+    except (OSError, ValueError):
+        return False
+    if meta.get("stream") != stream:
+        return False
+    try:
+        chain = json.loads((Path(stream["state"]) / "state.json").read_text()).get("chain", [])
+    except (OSError, ValueError):
+        chain = []
+    from .patch.io import patch_digest
+
+    return len(chain) < stream["round"] and patch_digest(out) not in chain
+
+
 def cmd_edit(args) -> int:
     from .data import load_facts
     from .lm.load import load_lm
@@ -140,11 +162,12 @@ def cmd_edit(args) -> int:
     cls = _editor_class_checked(args.method, m_over)
     requests = load_facts(args.facts)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FactEditError(f"output folder '{out}' exists and is not empty (use --overwrite)")
     on = list(args.on or [])
-    earlier = [load_patch(p) for p in on]  # each folder read and checked before the model loads
     state_dir = Path(args.state) if args.state else None
+    stream = {"state": str(state_dir.resolve()), "round": len(on) + 1} if state_dir else None
+    if out.exists() and any(out.iterdir()) and not args.overwrite and not _unfinished_round(out, stream):
+        raise FactEditError(f"output folder '{out}' exists and is not empty (use --overwrite)")
+    earlier = [load_patch(p) for p in on]  # each folder read and checked before the model loads
     if any(out.resolve() == Path(p).resolve() for p in on) or (state_dir and out.resolve() == state_dir.resolve()):
         raise FactEditError("--out must be a new folder, not one of the --on patches or the --state folder")
     chain = [patch_digest(p) for p in on]
@@ -177,12 +200,12 @@ def cmd_edit(args) -> int:
         patch = editor.compute(lm, requests)
         dt = time.perf_counter() - t0
         patch.meta["edit_s"] = dt
-        if state_dir is not None:
-            patch.meta["round"] = len(chain) + 1
+        if stream is not None:
+            patch.meta["stream"] = stream
         patch.save(out)
         if state_dir is not None:
-            # the patch is saved first: an interruption here leaves the state at the earlier rounds, and
-            # re-running the command with --overwrite recomputes the same round
+            # the patch is saved first: an interruption here leaves the state at the earlier rounds and this
+            # round's patch marked with its stream; re-running the same command recomputes the round
             editor.commit(patch)
             editor.save_state(state_dir, chain=chain + [patch_digest(out)], base_fingerprint=lm.fingerprint,
                               model=lm.name, n_facts=(rec or {}).get("n_facts", 0) + len(requests))

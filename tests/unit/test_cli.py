@@ -309,3 +309,38 @@ def test_edit_stream_mistakes_are_refused_before_editing(tmp_path, tiny_folder, 
                      "--out", str(tmp_path / "ft1")]) == 0
     assert cli.main(["edit", "--model", str(tiny_folder), "--method", "ft", *ft, "--facts", str(f),
                      "--out", str(tmp_path / "ft2"), "--on", str(tmp_path / "ft1")]) == 0
+
+
+def test_interrupted_round_leaves_the_state_behind_and_reruns(tmp_path, tiny_folder, corpus, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    from factedit.methods.base import Editor
+    from factedit.patch.io import patch_digest
+
+    _, sets = _stream_sets(corpus, "memit")
+    reqs = _reqs()
+    f1 = facts(tmp_path, [r.to_dict() for r in reqs[:2]])
+    f2 = tmp_path / "f2.jsonl"
+    f2.write_text(json.dumps(reqs[2].to_dict()) + "\n")
+    base = ["edit", "--model", str(tiny_folder), "--method", "memit", *sets, "--state", str(tmp_path / "st")]
+    assert cli.main(base + ["--facts", str(f1), "--out", str(tmp_path / "p1")]) == 0
+    round1 = (tmp_path / "st" / "state.json").read_text()
+    second = base + ["--facts", str(f2), "--out", str(tmp_path / "p2"), "--on", str(tmp_path / "p1")]
+    real = Editor.save_state
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Editor, "save_state", interrupted)
+    assert cli.main(second) == 130  # "interrupted; re-run the same command to resume"
+    assert (tmp_path / "p2" / "manifest.json").exists()  # the patch was saved, the state not advanced
+    assert (tmp_path / "st" / "state.json").read_text() == round1
+    first_try = patch_digest(tmp_path / "p2")
+    monkeypatch.setattr(Editor, "save_state", real)
+    assert cli.main(second) == 0  # the same command replaces the uncommitted round
+    state = json.loads((tmp_path / "st" / "state.json").read_text())
+    assert state["chain"] == [patch_digest(tmp_path / "p1"), patch_digest(tmp_path / "p2")]
+    assert patch_digest(tmp_path / "p2") == first_try  # the same round again
+    # a committed round's folder, or any other folder, is not replaced without --overwrite
+    assert cli.main(second) == 2
+    other = ["--facts", str(f2), "--out", str(tmp_path / "p1"), "--on", str(tmp_path / "p1")]
+    assert cli.main(base + other) == 2
