@@ -4,6 +4,7 @@ one line naming the record or file and exit with status 2."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -91,9 +92,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _read_stream_state(state_dir: Path | None, method: str, chain: list[str], on: list[str]) -> dict | None:
-    """The record of an editor state folder written by ``factedit edit --state`` (None: a new stream), checked
-    against the method and the ``--on`` patches before any model work."""
+def _state_record(state_dir: Path | None) -> dict | None:
+    """The record (state.json) of an editor state folder, or None for a new stream."""
     import json
 
     if state_dir is None:
@@ -102,14 +102,21 @@ def _read_stream_state(state_dir: Path | None, method: str, chain: list[str], on
     if not rec_path.is_file():
         if state_dir.exists() and (not state_dir.is_dir() or any(state_dir.iterdir())):
             raise FactEditError(f"--state {state_dir}: not an editor state folder (no state.json)")
-        if on:
-            raise FactEditError(f"--state {state_dir} does not exist, but --on gives {len(on)} earlier round(s): "
-                                "pass the state folder those rounds wrote")
         return None
     try:
-        rec = json.loads(rec_path.read_text())
+        return json.loads(rec_path.read_text())
     except ValueError as e:
         raise FactEditError(f"{rec_path}: not valid JSON ({e})") from None
+
+
+def _check_stream(state_dir: Path | None, rec: dict | None, method: str, chain: list[str], on: list[str]) -> None:
+    """Refuse, before any model work, a state of another method or one that did not commit exactly the ``--on``
+    patches (``chain``: their digests), in order."""
+    if rec is None:
+        if on and state_dir is not None:
+            raise FactEditError(f"--state {state_dir} does not exist, but --on gives {len(on)} earlier round(s): "
+                                "pass the state folder those rounds wrote")
+        return
     if rec.get("method") != method:
         raise FactEditError(f"--state {state_dir} holds a stream of {rec.get('method')} edits, not {method}")
     saved = rec.get("chain")
@@ -128,12 +135,11 @@ def _read_stream_state(state_dir: Path | None, method: str, chain: list[str], on
                 why = f"--on {on[i]} is not round {i + 1} of this stream (patch {have}, the state has {want})"
             raise FactEditError(f"--state {state_dir}: {why}; --on must list the patches this state committed, "
                                 "in order")
-    return rec
 
 
-def _unfinished_round(out: Path, stream: dict | None) -> bool:
-    """Whether ``out`` holds this stream's round left uncommitted by an interruption (its patch saved, the state
-    not advanced), which re-running the same command may replace."""
+def _unfinished_round(out: Path, stream: dict | None, rec: dict | None) -> bool:
+    """Whether ``out`` holds this stream's round left uncommitted by an interruption (its patch saved and marked
+    with the stream and round, the state not advanced to it), which re-running the same command may replace."""
     import json
 
     if stream is None:
@@ -142,15 +148,7 @@ def _unfinished_round(out: Path, stream: dict | None) -> bool:
         meta = json.loads((out / "manifest.json").read_text()).get("meta", {})
     except (OSError, ValueError):
         return False
-    if meta.get("stream") != stream:
-        return False
-    try:
-        chain = json.loads((Path(stream["state"]) / "state.json").read_text()).get("chain", [])
-    except (OSError, ValueError):
-        chain = []
-    from .patch.io import patch_digest
-
-    return len(chain) < stream["round"] and patch_digest(out) not in chain
+    return meta.get("stream") == stream and len((rec or {}).get("chain", [])) < stream["round"]
 
 
 def cmd_edit(args) -> int:
@@ -165,13 +163,14 @@ def cmd_edit(args) -> int:
     on = list(args.on or [])
     state_dir = Path(args.state) if args.state else None
     stream = {"state": str(state_dir.resolve()), "round": len(on) + 1} if state_dir else None
-    if out.exists() and any(out.iterdir()) and not args.overwrite and not _unfinished_round(out, stream):
+    rec = _state_record(state_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite and not _unfinished_round(out, stream, rec):
         raise FactEditError(f"output folder '{out}' exists and is not empty (use --overwrite)")
     earlier = [load_patch(p) for p in on]  # each folder read and checked before the model loads
     if any(out.resolve() == Path(p).resolve() for p in on) or (state_dir and out.resolve() == state_dir.resolve()):
         raise FactEditError("--out must be a new folder, not one of the --on patches or the --state folder")
     chain = [patch_digest(p) for p in on]
-    rec = _read_stream_state(state_dir, args.method, chain, on)
+    _check_stream(state_dir, rec, args.method, chain, on)
     lm = load_lm(args.model, device=args.device)
     editor = cls.create(lm, m_over)
     if rec is None and on and editor.remembers_rounds:
@@ -190,12 +189,11 @@ def cmd_edit(args) -> int:
         if changed:
             log.warning("%s: config differs from the earlier rounds' in %s", args.method, ", ".join(changed))
         editor.load_state(state_dir)
-    handles = []
-    try:
+    with contextlib.ExitStack() as applied:  # the --on patches, reverted in reverse order on the way out
         for path, p in zip(on, earlier):
             if p.method != args.method:
                 log.warning("--on %s was made by %s, not %s", path, p.method, args.method)
-            handles.append(p.apply(lm))
+            applied.enter_context(p.apply(lm))
         t0 = time.perf_counter()
         patch = editor.compute(lm, requests)
         dt = time.perf_counter() - t0
@@ -209,9 +207,6 @@ def cmd_edit(args) -> int:
             editor.commit(patch)
             editor.save_state(state_dir, chain=chain + [patch_digest(out)], base_fingerprint=lm.fingerprint,
                               model=lm.name, n_facts=(rec or {}).get("n_facts", 0) + len(requests))
-    finally:
-        for h in reversed(handles):
-            h.revert()
     where = f" on top of {len(on)} earlier round(s)" if on else ""
     print(f"{len(requests)} facts edited with {args.method}{where} in {dt:.1f} s ({patch.n_params():,} patch "
           f"parameters); patch saved to {out}" + (f"; state in {state_dir} (round {len(chain) + 1})" if state_dir else ""))
@@ -236,10 +231,8 @@ def cmd_apply(args) -> int:
     lm = load_lm(args.model, device=args.device)
     prompts = args.prompt or [r.prompt for p in patches for r in p.requests][:10]
     before = [sample(lm, p, len(p.split()) + 16, greedy=True, stop_at_eos=True) for p in prompts]
-    handles = []
-    try:
-        for patch in patches:  # in order: the rounds of a sequential stream
-            handles.append(patch.apply(lm, force=args.force))
+    with contextlib.ExitStack() as applied:  # reverted in reverse order on the way out, unless merged
+        handles = [applied.enter_context(patch.apply(lm, force=args.force)) for patch in patches]  # in order
         for p, b in zip(prompts, before):
             a = sample(lm, p, len(p.split()) + 16, greedy=True, stop_at_eos=True)
             print(f"{p}\n   before: {b.strip()[:80]}\n   after:  {a.strip()[:80]}")
@@ -251,9 +244,6 @@ def cmd_apply(args) -> int:
                 lm.model.save_pretrained(tmp, safe_serialization=True)
                 lm.tokenizer.save_pretrained(tmp)
             print(f"merged model saved to {out}" + (f" ({len(patches)} patches)" if len(patches) > 1 else ""))
-    finally:
-        for h in reversed(handles):
-            h.revert()
     return 0
 
 

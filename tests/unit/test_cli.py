@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from factedit import cli
-from tiny import tiny_lm
+from tiny import locate_requests, strong, tiny_lm
 
 
 @pytest.fixture
@@ -27,8 +27,8 @@ def tiny_folder(tmp_path_factory):
     return d
 
 
-def facts(tmp_path, lines):
-    f = tmp_path / "facts.jsonl"
+def facts(tmp_path, lines, name="facts.jsonl"):
+    f = tmp_path / name
     f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return f
 
@@ -213,20 +213,12 @@ def test_commands_without_a_model_ignore_the_device(monkeypatch, capsys):
 
 # ---- sequential streams from the command line (edit --on / --state, apply with several patches) ----------------
 def _stream_sets(corpus, method):
-    from tiny import strong
-
     kw = strong(corpus, v_steps=6)
     if method == "alphaedit":
         kw.update(nullspace_mode="relative", nullspace_threshold=0.05)
     if method == "nse":
         kw.update(alpha=0.0, upper_bound=1e9)
     return kw, [x for k, v in kw.items() for x in ("--set", f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}")]
-
-
-def _reqs():
-    from tiny import locate_requests
-
-    return locate_requests()
 
 
 @pytest.mark.parametrize("method", ["alphaedit", "nse"])
@@ -237,10 +229,9 @@ def test_edit_rounds_with_state_equal_the_in_process_stream(method, tmp_path, ti
     from factedit.patch.io import load_patch
 
     kw, sets = _stream_sets(corpus, method)
-    reqs = _reqs()
+    reqs = locate_requests()
     f1 = facts(tmp_path, [r.to_dict() for r in reqs[:2]])
-    f2 = tmp_path / "f2.jsonl"
-    f2.write_text(json.dumps(reqs[2].to_dict()) + "\n")
+    f2 = facts(tmp_path, [reqs[2].to_dict()], "f2.jsonl")
     base = ["edit", "--model", str(tiny_folder), "--method", method, *sets, "--state", str(tmp_path / "st")]
     assert cli.main(base + ["--facts", str(f1), "--out", str(tmp_path / "p1")]) == 0
     assert cli.main(base + ["--facts", str(f2), "--out", str(tmp_path / "p2"), "--on", str(tmp_path / "p1")]) == 0
@@ -278,7 +269,7 @@ def test_edit_rounds_with_state_equal_the_in_process_stream(method, tmp_path, ti
 def test_edit_stream_mistakes_are_refused_before_editing(tmp_path, tiny_folder, corpus, capsys, monkeypatch):
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
     _, sets = _stream_sets(corpus, "alphaedit")
-    reqs = _reqs()
+    reqs = locate_requests()
     f = facts(tmp_path, [reqs[0].to_dict()])
     base = ["edit", "--model", str(tiny_folder), "--method", "alphaedit", *sets, "--facts", str(f)]
     st, p1 = str(tmp_path / "st"), str(tmp_path / "p1")
@@ -317,10 +308,9 @@ def test_interrupted_round_leaves_the_state_behind_and_reruns(tmp_path, tiny_fol
     from factedit.patch.io import patch_digest
 
     _, sets = _stream_sets(corpus, "memit")
-    reqs = _reqs()
+    reqs = locate_requests()
     f1 = facts(tmp_path, [r.to_dict() for r in reqs[:2]])
-    f2 = tmp_path / "f2.jsonl"
-    f2.write_text(json.dumps(reqs[2].to_dict()) + "\n")
+    f2 = facts(tmp_path, [reqs[2].to_dict()], "f2.jsonl")
     base = ["edit", "--model", str(tiny_folder), "--method", "memit", *sets, "--state", str(tmp_path / "st")]
     assert cli.main(base + ["--facts", str(f1), "--out", str(tmp_path / "p1")]) == 0
     round1 = (tmp_path / "st" / "state.json").read_text()
