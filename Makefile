@@ -20,6 +20,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q tests
 
+lint: install
+	$(BIN)/ruff check src tests bench
+
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not integration"
 

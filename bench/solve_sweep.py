@@ -25,6 +25,7 @@ import platform
 import time
 
 import torch
+from sweep import emit, scores  # bench/sweep.py, beside this script
 
 from factedit import get_editor
 from factedit.cli import _general_text
@@ -33,7 +34,6 @@ from factedit.data.paths import default_data_dir
 from factedit.lm.load import load_lm
 from factedit.methods.base import frozen
 from factedit.methods.locate import _z_settings
-from sweep import emit, scores  # bench/sweep.py, beside this script
 
 
 def main():

@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from zstar_speed import bf16_flags, cpu_name, matmul_peak  # bench/zstar_speed.py, beside this script
 
 from factedit.data import default_bench_file, load_counterfact
 from factedit.fsutil import write_json
@@ -27,7 +28,6 @@ from factedit.lm.load import load_lm
 from factedit.locate import common
 from factedit.methods.locate import _z_settings
 from factedit.registry import get_editor_class
-from zstar_speed import bf16_flags, cpu_name, matmul_peak  # bench/zstar_speed.py, beside this script
 
 
 def main():

@@ -62,7 +62,7 @@ class EditRequest:
                 "target_true": self.target_true, "case_id": self.case_id}
 
     @classmethod
-    def from_dict(cls, d: dict, where: str | None = None) -> "EditRequest":
+    def from_dict(cls, d: dict, where: str | None = None) -> EditRequest:
         if not isinstance(d, dict):
             raise FactEditError(f"{where or 'request'}: expected an object, got {type(d).__name__}")
         label = _label(d.get("case_id"), where)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import CORPUS, FAMILIES, tiny_lm
 
 from factedit import EditRequest, FactEditError, get_editor
 from factedit.errors import FingerprintMismatch
 from factedit.eval.scoring import score_targets
 from factedit.patch.base import Patch
-from tiny import CORPUS, FAMILIES, tiny_lm
 
 # Strong settings: the tiny random models need large steps to learn anything in a few iterations.
 _TMP = Path(tempfile.mkdtemp(prefix="factedit-contract-"))

@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
+from tiny import locate_requests, strong, tiny_lm
 
 from factedit import cli
-from tiny import locate_requests, strong, tiny_lm
 
 
 @pytest.fixture

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny import locate_requests, strong, tiny_lm
 
 from factedit import get_editor
 from factedit.eval.harness import EvalConfig, Runner
 from factedit.types import EvalCase
-from tiny import locate_requests, strong, tiny_lm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
 

@@ -1,10 +1,10 @@
 import json
 
 import pytest
+from tiny import assert_records_close, tiny_lm
 
 from factedit import EditRequest, EvalCase, FactEditError, get_editor
 from factedit.eval.harness import EvalConfig, Runner
-from tiny import tiny_lm
 
 FT = dict(layer=1, lr=0.05, norm_constraint=1.0, steps=15)
 ECFG = EvalConfig(batch_size=4, ppl_tokens=64, ppl_window=16, fluency_cases=1, gen_length=12)
@@ -110,17 +110,19 @@ def test_after_round_scores_each_round_right_after_it(tmp_path):
     after = {r["index"]: r for r in map(json.loads, (out / "after_round.jsonl").read_text().splitlines())}
     assert {i: r["round"] for i, r in after.items()} == {0: 0, 1: 0, 2: 1, 3: 1}  # edit_batch 2: two rounds
     end = {r["index"]: r for r in map(json.loads, (out / "cases.jsonl").read_text().splitlines())}
-    # the last round is scored on the same model right after it and at the end: the same scores
+    # the last round is scored on the same model right after it and at the end: the same scores, up to the
+    # float error of another batch shape (after the round: its 2 cases; at the end: all 4)
     for i in (2, 3):
-        assert after[i]["post"]["raw"] == end[i]["post"]["raw"]
-    # round 0's records were scored before round 1 was applied: FT's second round moves them
-    assert any(after[i]["post"]["raw"] != end[i]["post"]["raw"] for i in (0, 1))
+        assert_records_close(after[i]["post"]["raw"], end[i]["post"]["raw"])
+    # round 0's records were scored before round 1 was applied: FT's second round moves them (far beyond 1e-4)
+    nll = lambda rec: [x["nll"] for x in rec["post"]["raw"]["rewrite"]]  # noqa: E731
+    assert any(abs(a - b) > 1e-2 for i in (0, 1) for a, b in zip(nll(after[i]), nll(end[i])))
     assert [r["round"] for r in s["by_round"]] == [0, 1] and all(r["n"] == 2 for r in s["by_round"])
-    assert s["by_round"][1]["after_round"] == s["by_round"][1]["at_end"]
+    assert_records_close(s["by_round"][1]["after_round"], s["by_round"][1]["at_end"])
     from factedit.eval.metrics import aggregate
 
     want = aggregate([{k: v for k, v in after[i]["post"].items() if k != "raw"} for i in range(4)])
-    assert s["after_round"] == want and s["after_round"]["efficacy"] > s["pre"]["efficacy"]
+    assert s["after_round"] == want and s["after_round"]["efficacy"] > s["pre"]["efficacy"]  # same records: exact
     from factedit.eval.report import table
 
     assert "right after each round: efficacy" in table(s)

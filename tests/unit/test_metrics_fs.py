@@ -1,11 +1,11 @@
 import math
 
 import pytest
+from tiny import tiny_lm
 
 from factedit.eval.metrics import aggregate, case_metrics
 from factedit.eval.scoring import ngram_entropy
 from factedit.fsutil import JsonlWriter, read_jsonl
-from tiny import tiny_lm
 
 
 def _x(p, acc=1.0, argmax=(1,)):
@@ -86,11 +86,11 @@ def _manual_ppl(lm, windows):
 
 
 def test_perplexity_windows_start_like_a_text():
+    from tiny import CORPUS, tiny_tokenizer
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
     from factedit.eval.scoring import perplexity
-    from tiny import CORPUS, tiny_tokenizer
 
     lm = tiny_lm("llama")
     text = " ".join(CORPUS)
@@ -112,8 +112,9 @@ def test_perplexity_windows_start_like_a_text():
 
 
 def test_perplexity_builds_no_autograd_graph(monkeypatch):
-    from factedit.eval.scoring import perplexity
     from tiny import CORPUS
+
+    from factedit.eval.scoring import perplexity
 
     lm = tiny_lm("llama")
     seen = []

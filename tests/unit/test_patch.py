@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_lm
 
 from factedit import FactEditError
 from factedit.errors import FingerprintMismatch
@@ -9,7 +10,6 @@ from factedit.methods.reft import LoReFTIntervention
 from factedit.patch.base import Patch
 from factedit.patch.modules import ModulePatch, Site, position_mask
 from factedit.patch.weights import Delta, WeightPatch
-from tiny import tiny_lm
 
 
 def _state(lm):

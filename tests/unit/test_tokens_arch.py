@@ -1,11 +1,11 @@
 import pytest
 import torch
+from tiny import FAMILIES, tiny_lm, tiny_tokenizer
 
 from factedit import FactEditError
 from factedit.lm import arch as archmod
 from factedit.lm.batch import make_batch
 from factedit.lm.tokens import encode, encode_target, subject_last_index
-from tiny import FAMILIES, tiny_lm, tiny_tokenizer
 
 
 def test_target_tokens_follow_the_prompt_with_leading_space():

@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_lm
 
 from factedit import FactEditError, cli
 from factedit.locate.trace import Fact, embedding_std, trace, trace_fact
-from tiny import tiny_lm
 
 FACTS = [Fact("The Eiffel Tower is in", "Eiffel Tower"), Fact("Big Ben is located in", "Big Ben", "London")]
 

@@ -26,10 +26,10 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -217,7 +217,7 @@ class KeyWalker:
     use per model is checked against the plain forward; families that cannot start mid-stack (GPT-2
     adds position embeddings to ``inputs_embeds``) use the plain forward."""
 
-    _ok: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+    _ok: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     def __init__(self, lm: LM, requests: Sequence[EditRequest], templates: list[str], average: str = "group",
                  batch_size: int = 64) -> None:
@@ -470,7 +470,7 @@ class _Upper:
 
     # model -> {start block: usable}; weak keys, so a later model reusing a freed model's id() can
     # never inherit its verdict
-    _ok: "weakref.WeakKeyDictionary[nn.Module, dict[int, bool]]" = weakref.WeakKeyDictionary()
+    _ok: weakref.WeakKeyDictionary[nn.Module, dict[int, bool]] = weakref.WeakKeyDictionary()
     CHECK_ROWS = 8  # rows per group compared with the full forward on the first use
 
     def __init__(self, lm: LM, start: int) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -48,7 +49,7 @@ class Editor(ABC):
         self.preset = preset
 
     @classmethod
-    def create(cls, lm: LM | None = None, overrides: dict[str, Any] | None = None) -> "Editor":
+    def create(cls, lm: LM | None = None, overrides: dict[str, Any] | None = None) -> Editor:
         """Defaults < the preset for ``lm``'s family (if any) < ``overrides``."""
         preset, source = ({}, None)
         if lm is not None:

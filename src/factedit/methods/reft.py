@@ -44,7 +44,7 @@ class LoReFTIntervention(nn.Module):
         return {"d": self.d, "rank": self.rank}
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "LoReFTIntervention":
+    def from_spec(cls, spec: dict) -> LoReFTIntervention:
         return cls(int(spec["d"]), int(spec["rank"]))
 
 

@@ -37,7 +37,7 @@ class Handle(ABC):
             self._merge()
             self.active = False
 
-    def __enter__(self) -> "Handle":
+    def __enter__(self) -> Handle:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -78,7 +78,7 @@ class Patch(ABC):
         save_patch(self, path)
 
     @staticmethod
-    def load(path) -> "Patch":
+    def load(path) -> Patch:
         from .io import load_patch
 
         return load_patch(path)

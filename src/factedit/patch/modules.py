@@ -127,7 +127,7 @@ class ModulePatch(Patch):
                                    "module": m.spec()} for s, m in zip(self.sites, self.modules)]}
 
     @classmethod
-    def from_parts(cls, manifest: dict, tensors: dict[str, torch.Tensor], **common) -> "ModulePatch":
+    def from_parts(cls, manifest: dict, tensors: dict[str, torch.Tensor], **common) -> ModulePatch:
         sites, modules = [], []
         for i, item in enumerate(manifest["spec"]["interventions"]):
             sites.append(Site(layer=int(item["layer"]), positions=item["positions"], site=item["site"]))

@@ -87,7 +87,7 @@ class WeightPatch(Patch):
                            for n, d in self.deltas.items()}}
 
     @classmethod
-    def from_parts(cls, manifest: dict, tensors: dict[str, torch.Tensor], **common) -> "WeightPatch":
+    def from_parts(cls, manifest: dict, tensors: dict[str, torch.Tensor], **common) -> WeightPatch:
         deltas = {}
         for name, info in manifest["spec"]["params"].items():
             if info["form"] == "dense":
@@ -96,7 +96,7 @@ class WeightPatch(Patch):
                 deltas[name] = Delta(u=tensors[f"{name}::u"], v=tensors[f"{name}::v"])
         return cls(deltas=deltas, **common)
 
-    def combined(self, other: "WeightPatch") -> "WeightPatch":
+    def combined(self, other: WeightPatch) -> WeightPatch:
         """One patch with the summed deltas of two patches on the same base model."""
         if other.base_fingerprint != self.base_fingerprint:
             raise FactEditError("cannot combine patches computed on different base models")
