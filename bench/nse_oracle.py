@@ -17,6 +17,7 @@ site also change the prompt's other tokens, and a z* computed on the unedited mo
 """
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -26,6 +27,7 @@ import torch
 from factedit import get_editor
 from factedit.data import default_bench_file, load_counterfact
 from factedit.fsutil import write_json
+from factedit.lm.hooks import Trace, first, replace_first
 from factedit.lm.load import load_lm
 from factedit.lm.tokens import encode_target, pad_batch, subject_last_index
 from factedit.methods.base import frozen
@@ -49,24 +51,17 @@ def efficacy(lm, reqs, site_mod=None, zs=None, batch=32) -> list[bool]:
                 subj.append(pos)
                 owner.append(s + j)
         ids, mask = pad_batch(seqs, tok.pad_token_id)
-        handle = None
-        if zs is not None:
-            rows = torch.arange(len(seqs))
-            cols = torch.tensor(subj)
-            val = zs[torch.tensor(owner)].to(dev)
+        with contextlib.ExitStack() as stack:
+            if zs is not None:
+                rows, cols, val = torch.arange(len(seqs)), torch.tensor(subj), zs[torch.tensor(owner)].to(dev)
 
-            def hook(_m, _a, o):
-                h = o[0] if isinstance(o, tuple) else o
-                h = h.clone()
-                h[rows, cols] = val.to(h.dtype)
-                return (h,) + tuple(o[1:]) if isinstance(o, tuple) else h
+                def put(o, _args, rows=rows, cols=cols, val=val):
+                    h = first(o).clone()
+                    h[rows, cols] = val.to(h.dtype)
+                    return replace_first(o, h)
 
-            handle = site_mod.register_forward_hook(hook)
-        try:
+                stack.enter_context(Trace(site_mod, retain_output=False, edit_output=put))
             logp = torch.log_softmax(lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1)
-        finally:
-            if handle is not None:
-                handle.remove()
         scores = []
         for i, (p, t) in enumerate(spans):
             tgt = ids[i, p : p + t].to(dev)

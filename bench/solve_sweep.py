@@ -97,7 +97,7 @@ def main():
         try:
             for s in range(0, args.n, k):
                 # the cached z* (same settings, same unedited model; NSE rewinds to it in every round)
-                ed._z = lambda _lm, _reqs, s=s: (zs[s : s + k], infos[s : s + k])
+                ed._z = lambda _lm, _reqs, s=s, k=k: (zs[s : s + k], infos[s : s + k])
                 p = ed.compute(lm, reqs[s : s + k])
                 handles.append(p.apply(lm))
                 ed.commit(p)

@@ -425,26 +425,22 @@ def test_post_norm_z_is_reachable_and_is_the_block_output_of_the_mlp_value(corpu
     # setting the out-projection's output at the subject to v* gives exactly z* at the block output
     pos = {}
 
-    def put(_m, _a, out):
+    def put(out, _args):
         out = out.clone()
         out[torch.arange(out.shape[0]), pos["i"]] = v[pos["r"]].to(out.dtype)
         return out
 
+    from factedit.lm.hooks import Trace
     from factedit.lm.tokens import encode, subject_last_index
 
     got = []
     for r_i, r in enumerate(REQ):
         ids = torch.tensor([encode(lm.tokenizer, r.prompt)])
         pos["i"], pos["r"] = subject_last_index(lm.tokenizer, r.prompt, r.subject, start=r.prompt.index(r.subject)), r_i
-        cap = {}
-        hs = [lm.model.get_submodule(mlp).register_forward_hook(put),
-              lm.model.get_submodule(blk).register_forward_hook(
-                  lambda _m, _a, o: cap.__setitem__("h", (o[0] if isinstance(o, tuple) else o)[0, pos["i"]]))]
-        with torch.no_grad():
+        with torch.no_grad(), Trace(lm.model.get_submodule(mlp), retain_output=False, edit_output=put), \
+                Trace(lm.model.get_submodule(blk)) as tb:
             lm.model(input_ids=ids)
-        for h in hs:
-            h.remove()
-        got.append(cap["h"])
+        got.append(tb.output[0, pos["i"]])
     assert torch.allclose(torch.stack(got), z, rtol=1e-4, atol=1e-4)
 
 

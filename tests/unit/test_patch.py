@@ -6,9 +6,10 @@ from tiny import tiny_lm
 
 from factedit import FactEditError
 from factedit.errors import FingerprintMismatch
+from factedit.lm.arch import Site
 from factedit.methods.reft import LoReFTIntervention
 from factedit.patch.base import Patch
-from factedit.patch.modules import ModulePatch, Site, position_mask
+from factedit.patch.modules import ModulePatch, Placement, position_mask
 from factedit.patch.weights import Delta, WeightPatch
 
 
@@ -120,7 +121,7 @@ def test_module_patch_changes_only_chosen_positions_and_reverts(tmp_path):
     with torch.no_grad():
         for p in mod.parameters():
             p.normal_()
-    patch = ModulePatch(method="t", config={}, base_fingerprint=lm.fingerprint, sites=[Site(1, "last")], modules=[mod])
+    patch = ModulePatch(method="t", config={}, base_fingerprint=lm.fingerprint, placements=[Placement(Site("block_output", 1), "last")], modules=[mod])
     ids = torch.tensor([lm.tokenizer("The capital of Italy is")["input_ids"]])
     base = lm.model(input_ids=ids).logits
     with patch.apply(lm):

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..lm.batch import batch_logits, make_batch
-from ..lm.load import LM
+from ..lm.hooks import forward_context
+from ..lm.load import LM, holds_lock
 from ..lm.tokens import encode, encode_target, pad_batch
 
 
@@ -32,6 +33,7 @@ class TargetScore:
 
 
 @torch.no_grad()
+@holds_lock
 def score_targets(lm: LM, prompts: list[str], targets: list[str], batch_size: int = 32,
                   desc: str | None = None, pack: bool | None = None) -> list[TargetScore]:
     """Teacher-forced scores of ``target`` after ``prompt`` for each pair, in batches sorted by length.
@@ -126,7 +128,7 @@ def _score_packed(lm: LM, prompts: list[str], targets: list[str], batch_size: in
         p_lens = torch.tensor([r[3] for r in part])
         first = int(p_lens.min()) - 1  # the earliest column any read needs: the shortest prompt's last
         keep = T - first
-        with lm.prompt_context(p_lens):
+        with forward_context(p_lens):
             logits = lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                               logits_to_keep=keep, use_cache=False).logits[:, -keep:]
         bi, ci, lab, who = [], [], [], []
@@ -157,6 +159,7 @@ def _prefix(tok) -> list[int]:
 
 
 @torch.no_grad()
+@holds_lock
 def perplexity(lm: LM, text: str, max_tokens: int = 16384, window: int = 512) -> float:
     """Token perplexity of the first ``max_tokens`` tokens of ``text`` in non-overlapping windows.
 
@@ -176,7 +179,7 @@ def perplexity(lm: LM, text: str, max_tokens: int = 16384, window: int = 512) ->
         chunk = torch.tensor([pre + body[s : s + step]], device=lm.device)  # (1, W)
         if chunk.shape[1] < 2:
             break
-        with lm.prompt_context(torch.tensor([chunk.shape[1]])):
+        with forward_context(torch.tensor([chunk.shape[1]])):
             logits = lm.model(input_ids=chunk, use_cache=False).logits[0, :-1].float()  # (W-1, V)
         nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
         count += chunk.shape[1] - 1
@@ -192,6 +195,7 @@ def _draw(logits: torch.Tensor, top_k: int, gen: torch.Generator, greedy: bool) 
 
 
 @torch.no_grad()
+@holds_lock
 def sample(lm: LM, prompt: str, max_length: int = 100, top_k: int = 5, seed: int = 0, greedy: bool = False,
            stop_at_eos: bool = False) -> str:
     """Continue ``prompt`` up to ``max_length`` total tokens with top-k sampling (or greedy); returns
@@ -203,20 +207,21 @@ def sample(lm: LM, prompt: str, max_length: int = 100, top_k: int = 5, seed: int
     gen = torch.Generator().manual_seed(seed)
     x = torch.tensor([ids], device=lm.device)
     past, new = None, []
-    for step in range(max(0, max_length - len(ids))):
-        ctx = torch.tensor([x.shape[1]]) if past is None else None
-        with lm.prompt_context(ctx):
+    with forward_context(torch.tensor([x.shape[1]])) as ctx:
+        for _ in range(max(0, max_length - len(ids))):
             out = lm.model(input_ids=x, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        nxt = _draw(out.logits[0, -1].float(), top_k, gen, greedy)
-        if stop_at_eos and nxt == tok.eos_token_id:
-            break
-        new.append(nxt)
-        x = torch.tensor([[nxt]], device=lm.device)
+            ctx.decoding = True  # the next forwards are decoding steps
+            past = out.past_key_values
+            nxt = _draw(out.logits[0, -1].float(), top_k, gen, greedy)
+            if stop_at_eos and nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+            x = torch.tensor([[nxt]], device=lm.device)
     return tok.decode(new, skip_special_tokens=True)
 
 
 @torch.no_grad()
+@holds_lock
 def sample_batch(lm: LM, prompts: list[str], max_length: int = 100, top_k: int = 5, seeds: list[int] | None = None,
                  greedy: bool = False, batch_size: int = 32) -> list[str]:
     """``sample`` for many prompts at once: the same continuations (row i draws from its own generator
@@ -246,26 +251,26 @@ def _sample_chunk(lm: LM, prompts, max_length, top_k, seeds, greedy) -> list[str
     gens = [torch.Generator().manual_seed(sd) for sd in seeds]
     ids, mask = pad_batch(seqs, tok.pad_token_id if tok.pad_token_id is not None else 0)
     mask = mask.to(dev)
-    with lm.prompt_context(n):
+    with forward_context(n) as ctx:
         o = lm.model(input_ids=ids.to(dev), attention_mask=mask, use_cache=True)
-    past = o.past_key_values
-    logits = o.logits[torch.arange(len(seqs)), (n - 1).to(dev)].float()  # (B, V)
-    for step in range(steps):
-        nxt = []
-        for b in range(len(seqs)):
-            t = _draw(logits[b], top_k, gens[b], greedy)
-            if step < todo[b]:
-                new[b].append(t)
-            nxt.append(t)
-        if step == steps - 1:
-            break
-        mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype, device=dev)], 1)
-        pos = (n + step).to(dev)[:, None]
-        with lm.prompt_context(None):
+        ctx.decoding = True  # the next forwards are decoding steps (the same context: per-query state is kept)
+        past = o.past_key_values
+        logits = o.logits[torch.arange(len(seqs)), (n - 1).to(dev)].float()  # (B, V)
+        for step in range(steps):
+            nxt = []
+            for b in range(len(seqs)):
+                t = _draw(logits[b], top_k, gens[b], greedy)
+                if step < todo[b]:
+                    new[b].append(t)
+                nxt.append(t)
+            if step == steps - 1:
+                break
+            mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype, device=dev)], 1)
+            pos = (n + step).to(dev)[:, None]
             o = lm.model(input_ids=torch.tensor(nxt, device=dev)[:, None], attention_mask=mask, position_ids=pos,
                          past_key_values=past, use_cache=True)
-        past = o.past_key_values
-        logits = o.logits[:, -1].float()
+            past = o.past_key_values
+            logits = o.logits[:, -1].float()
     return [tok.decode(x, skip_special_tokens=True) for x in new]
 
 

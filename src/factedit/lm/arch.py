@@ -15,6 +15,22 @@ from torch import nn
 
 from ..errors import FactEditError
 
+SITE_KINDS = ("block_input", "block_output", "attn_output", "mlp_input", "mlp_output", "mlp_out_input")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the model, named for every family alike: ``Site("mlp_input", 14)``. Resolved to a module path
+    by the family's record (``ArchRecord.site_path``) and to a module and width by ``resolve_site``."""
+
+    kind: str
+    layer: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise FactEditError(f"unknown site '{self.kind}' (known: {', '.join(SITE_KINDS)})")
+        object.__setattr__(self, "layer", int(self.layer))
+
 
 @dataclass(frozen=True)
 class ArchRecord:
@@ -30,6 +46,21 @@ class ArchRecord:
     # a norm applied to the MLP's output before it joins the residual stream (Gemma 2/3:
     # post_feedforward_layernorm), relative to a block; None when the MLP output is added as it is
     mlp_post_norm: str | None = None
+
+    def site_path(self, site: Site) -> tuple[str, str]:
+        """(dotted module path, "input" or "output") of a named site: where a hook reads or replaces it."""
+        blk = self.block_path(site.layer)
+        mlp = self.mlp_out.rpartition(".")[0] or self.mlp_out
+        attn = self.attn_out.rpartition(".")[0] or self.attn_out
+        table = {
+            "block_input": (blk, "input"),  # the residual stream entering the block
+            "block_output": (blk, "output"),  # the residual stream leaving it
+            "attn_output": (f"{blk}.{attn}", "output"),  # the attention module's output
+            "mlp_input": (f"{blk}.{mlp}", "input"),  # the MLP's input (after its norm)
+            "mlp_output": (f"{blk}.{mlp}", "output"),  # the MLP's output (before a post-MLP norm, if any)
+            "mlp_out_input": (f"{blk}.{self.mlp_out}", "input"),  # the out-projection's input: the key k
+        }
+        return table[site.kind]
 
     def block_path(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -147,3 +178,17 @@ def linear_delta_out(x: torch.Tensor, delta: torch.Tensor, layout: str) -> torch
     x: (..., in); delta: (out, in) for "linear", (in, out) for "conv1d"  ->  (..., out)
     """
     return x @ delta if layout == "conv1d" else x @ delta.T
+
+
+def resolve_site(model: nn.Module, arch: ArchRecord, site: Site) -> tuple[nn.Module, str, int]:
+    """(module, "input" or "output", width of the hidden state there) for ``site`` on ``model``."""
+    n = num_layers(model, arch)
+    if not 0 <= site.layer < n:
+        raise FactEditError(f"site layer {site.layer} is out of range: the model has layers 0..{n - 1}")
+    path, where = arch.site_path(site)
+    module = get_module(model, path)
+    if site.kind == "mlp_out_input":
+        width = int(weight_as_out_in(module, arch).shape[1])
+    else:
+        width = int(model.get_input_embeddings().weight.shape[1])
+    return module, where, width

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .hooks import forward_context
 from .load import LM
 from .tokens import encode_target, pad_batch
 
@@ -48,7 +49,7 @@ def batch_logits(lm: LM, batch: TargetBatch) -> tuple[torch.Tensor, torch.Tensor
     """Logits at the last ``batch.keep`` positions and the matching labels: (B, K, V), (B, K)."""
     dev = lm.device
     k = batch.keep
-    with lm.prompt_context(batch.prompt_lens):
+    with forward_context(batch.prompt_lens):
         out = lm.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
                        logits_to_keep=k, use_cache=False)
     logits = out.logits[:, -k:, :]  # (B, K, V)

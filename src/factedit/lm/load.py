@@ -6,15 +6,17 @@ base weights (patches record it and refuse to load onto another model).
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,9 +37,13 @@ class LM:
     arch: ArchRecord
     fingerprint: str
     name: str
-    # Prompt lengths of the batch being run (B,), read by module-patch hooks to find prompt positions.
-    # None means "the whole input is the prompt" (see patch.modules).
-    prompt_lens: torch.Tensor | None = field(default=None, repr=False)
+    # One lock per model: ``Editor.compute`` (which changes the model while it runs), applying and reverting
+    # patches, and scoring take it, so a scoring call in another thread never sees a half-computed edit.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    # the hooks that module patches installed (removed by their handles, or all at once by ``reset_hooks``)
+    hooks: list = field(default_factory=list, repr=False, compare=False)
+    # the weight patches applied now, in order, with the touched parameters' base values (patch.weights)
+    weight_stack: Any = field(default=None, repr=False, compare=False)
 
     @property
     def n_layers(self) -> int:
@@ -51,21 +57,29 @@ class LM:
     def hidden_size(self) -> int:
         return int(self.model.get_input_embeddings().weight.shape[1])
 
-    @contextlib.contextmanager
-    def prompt_context(self, prompt_lens: torch.Tensor | None) -> Iterator[None]:
-        """Tell hooked modules where the prompts end in the next forward passes."""
-        old = self.prompt_lens
-        self.prompt_lens = prompt_lens
-        try:
-            yield
-        finally:
-            self.prompt_lens = old
+    def reset_hooks(self) -> None:
+        """Remove every hook that a module patch installed on this model."""
+        with self.lock:
+            for h in self.hooks:
+                h.remove()
+            self.hooks.clear()
 
     def check_layers(self, layers: list[int] | tuple[int, ...], what: str = "layer") -> None:
         n = self.n_layers
         bad = [layer for layer in layers if not (0 <= int(layer) < n)]
         if bad:
             raise FactEditError(f"{what} index {bad[0]} is out of range: {self.name} has layers 0..{n - 1}")
+
+
+def holds_lock(fn: Callable) -> Callable:
+    """Run ``fn(lm, ...)`` holding ``lm.lock`` (scoring and generation: they must not see a compute midway)."""
+
+    @functools.wraps(fn)
+    def wrapper(lm: LM, *args: Any, **kwargs: Any) -> Any:
+        with lm.lock:
+            return fn(lm, *args, **kwargs)
+
+    return wrapper
 
 
 def fingerprint_model(model: nn.Module) -> str:

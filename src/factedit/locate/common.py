@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..errors import FactEditError
 from ..fsutil import atomic_file, write_json
+from ..lm.hooks import Trace, TraceDict, first, installed, replace_first
 from ..lm.load import LM, cache_root, fingerprint_model
 from ..lm.tokens import encode, encode_target, pad_batch, subject_last_index
 from ..types import EditRequest
@@ -85,23 +86,6 @@ def fill(template: str, prompt: str) -> tuple[str, int]:
 
 
 # ---- forward helpers ---------------------------------------------------------------------------------
-def _first(x):
-    return x[0] if isinstance(x, tuple) else x
-
-
-@contextmanager
-def _hooks(hs: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in hs:
-            h.remove()
-
-
-class _Stop(Exception):
-    pass
-
-
 @dataclass
 class Rows:
     """A right-padded batch of texts with one marked position per row (the subject's last token)."""
@@ -128,25 +112,15 @@ def capture_at(lm: LM, texts: list[str], subjects: list[str], starts: list[int],
     deepest = max(_block_index(lm, p) for p in modules.values())
     for s in range(0, len(texts), batch_size):
         rows = _rows(lm, texts[s : s + batch_size], subjects[s : s + batch_size], starts[s : s + batch_size])
-        got: dict = {}
-        hs = []
-        for k, path in modules.items():
-            mod = lm.model.get_submodule(path)
-            if kind == "input":
-                hs.append(mod.register_forward_pre_hook(lambda _m, a, k=k: got.__setitem__(k, a[0])))
-            else:
-                hs.append(mod.register_forward_hook(lambda _m, _a, o, k=k: got.__setitem__(k, _first(o))))
-        stop = lm.model.get_submodule(lm.arch.block_path(deepest))
-        hs.append(stop.register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())))
-        with _hooks(hs):
-            try:
-                lm.model(input_ids=rows.input_ids.to(lm.device), attention_mask=rows.attention_mask.to(lm.device),
-                         use_cache=False)
-            except _Stop:
-                pass
+        stop = lm.arch.block_path(deepest)
+        kw = {"retain_input": True, "retain_output": False} if kind == "input" else {}
+        with TraceDict(lm.model, set(modules.values()), stop_after=stop, detach=True, **kw) as td:
+            lm.model(input_ids=rows.input_ids.to(lm.device), attention_mask=rows.attention_mask.to(lm.device),
+                     use_cache=False)
         b = torch.arange(len(rows.pos))
-        for k in modules:
-            res[k].append(got[k][b, rows.pos.to(got[k].device)].float().cpu())
+        for k, path in modules.items():
+            got = td[path].input if kind == "input" else td[path].output
+            res[k].append(got[b, rows.pos.to(got.device)].float().cpu())
     return {k: torch.cat(v) for k, v in res.items()}
 
 
@@ -237,25 +211,16 @@ class KeyWalker:
         mlp = lm.model.get_submodule(lm.arch.mlp_out_path(layer))
         keys, hs = [], []
         for i, rows in enumerate(self.rows):
-            got = {}
-
-            def pre(_m, args, kwargs):
-                got["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-            def stop(_m, a):
-                got["k"] = a[0]
-                raise _Stop()
-
             ids, mask = rows.input_ids.to(dev), rows.attention_mask.to(dev)
-            with _hooks([blk.register_forward_pre_hook(pre, with_kwargs=True), mlp.register_forward_pre_hook(stop)]):
-                try:
-                    if start is None:
-                        lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
-                    else:
-                        with _only_blocks(lm, start, layer + 1):
-                            lm.model.base_model(inputs_embeds=self.h[i], attention_mask=mask, use_cache=False)
-                except _Stop:
-                    pass
+            # the block's input is kept; the forward stops at the out-projection, whose input is the key
+            with Trace(blk, retain_input=True, retain_output=False, detach=True) as tb, \
+                    Trace(mlp, retain_input=True, retain_output=False, stop=True) as tk:
+                if start is None:
+                    lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                else:
+                    with _only_blocks(lm, start, layer + 1):
+                        lm.model.base_model(inputs_embeds=self.h[i], attention_mask=mask, use_cache=False)
+            got = {"h": tb.input, "k": tk.input}
             b = torch.arange(len(rows.pos))
             keys.append(got["k"][b, rows.pos.to(dev)].float().cpu())
             hs.append(got["h"])
@@ -390,7 +355,7 @@ def bf16_mlps(lm: LM) -> Iterator[None]:
             entered.pop().__exit__(None, None, None)
 
     try:
-        with _hooks([h for m in mods for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]):
+        with installed([h for m in mods for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]):
             yield
     finally:
         while entered:  # an exception inside a module skipped its forward hook
@@ -493,15 +458,9 @@ class _Upper:
             P = rows.pos[idx].to(dev)
             S = torch.tensor([lens[i] for i in g], device=dev) - P
             pm, sm = int(P.max()), int(S.max())
-            got = {}
-
-            def pre(_m, args, kwargs):
-                got["x"] = args[0] if args else kwargs["hidden_states"]
-
-            h = blk.register_forward_pre_hook(pre, with_kwargs=True)
-            with _hooks([h]):
+            with Trace(blk, retain_input=True, retain_output=False, detach=True) as tb:
                 res = self.base(input_ids=ids, attention_mask=mask, use_cache=pm > 0)
-            x = got["x"].detach()
+            x = tb.input
             j = torch.arange(sm, device=dev)[None]
             col = (P[:, None] + j).clamp(max=T - 1)  # (B, S)
             hs = x.gather(1, col[..., None].expand(-1, -1, x.shape[-1]))
@@ -730,15 +689,14 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
     bare_rows = torch.arange(0, n_rw, n_t, device=dev)  # template 0 is "{}"
     state: dict = {"first": True}
 
-    def hook(_m, _a, out):
-        o = _first(out)
+    def hook(out, _args):
+        o = first(out)
         b = torch.arange(o.shape[0], device=o.device)
         if state["first"]:
             site_init[state["rows"]] = o[b, state["cols"]].detach().float()
         add = torch.zeros(o.shape, dtype=delta.dtype, device=o.device)
         add = add.index_put((b, state["cols"]), delta[owner_t[state["rows"]]])
-        o2 = o + add.to(o.dtype)
-        return (o2,) + tuple(out[1:]) if isinstance(out, tuple) else o2
+        return replace_first(out, o + add.to(o.dtype))
 
     kl_init = None
     h_init = known = None
@@ -749,7 +707,7 @@ def _compute_z_batch(lm, requests, templates, site_path, s: ZSettings):
 
     # bf16 only inside the MLPs and the LM head, and only for the steps: the split's check and the
     # cached prefix above ran in fp32 (see bf16_mlps)
-    with _hooks([site.register_forward_hook(hook)]), (bf16_mlps(lm) if s.autocast == "bf16" else nullcontext()):
+    with Trace(site, retain_output=False, edit_output=hook), (bf16_mlps(lm) if s.autocast == "bf16" else nullcontext()):
         for it in range(s.steps):
             opt.zero_grad(set_to_none=True)
             if metas is None:  # (re)built at the start and whenever a request finishes

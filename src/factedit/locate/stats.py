@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import FactEditError
 from ..fsutil import atomic_file
+from ..lm.hooks import TraceDict
 from ..lm.load import LM, cache_root
 
 log = logging.getLogger(__name__)
@@ -187,23 +188,9 @@ def _compute(lm, layers, text, desc, chash, tokens, max_len, batch_size, dtype, 
             sums = {l: torch.zeros(d0, d0, dtype=torch.float64) for l in layers}
             count, start = 0, 0
 
-    captured: dict[int, torch.Tensor] = {}
-
-    class _Stop(Exception):
-        pass
-
-    def pre_hook(layer):
-        def fn(_m, args):
-            captured[layer] = args[0]
-        return fn
-
-    last_block = lm.model.get_submodule(lm.arch.block_path(max(layers)))
-
-    def stop_hook(_m, _a, _o):
-        raise _Stop
-
-    hooks = [mlp_out[l].register_forward_pre_hook(pre_hook(l)) for l in layers]
-    hooks.append(last_block.register_forward_hook(stop_hook))
+    # the keys: each edited out-projection's input; the forward stops after the deepest edited block
+    paths = [lm.arch.mlp_out_path(l) for l in layers]
+    deepest = lm.arch.block_path(max(layers))
     dev = lm.device
     was_training = lm.model.training
     lm.model.eval()
@@ -217,13 +204,11 @@ def _compute(lm, layers, text, desc, chash, tokens, max_len, batch_size, dtype, 
             while j < len(windows) and j - i < batch_size and len(windows[j]) == L:
                 j += 1
             ids = torch.tensor(windows[i:j], dtype=torch.long, device=dev)
-            captured.clear()
-            try:
+            with TraceDict(lm.model, paths, retain_input=True, retain_output=False, detach=True,
+                           stop_after=deepest) as traces:
                 lm.model(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
-            for l in layers:
-                k = captured[l].reshape(-1, d0).float()
+            for l, path in zip(layers, paths):
+                k = traces[path].input.reshape(-1, d0).float()
                 sums[l] += (k.T @ k).double().to(sums[l].device)
             count += ids.numel()
             bar.update(j - i)
@@ -234,8 +219,6 @@ def _compute(lm, layers, text, desc, chash, tokens, max_len, batch_size, dtype, 
                 t_last = time.monotonic()
     finally:
         bar.close()
-        for h in hooks:
-            h.remove()
         lm.model.train(was_training)
     out = {}
     for l in layers:

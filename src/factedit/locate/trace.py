@@ -17,6 +17,8 @@ sample i is the same in every row of sample i).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,9 +28,9 @@ from tqdm.auto import tqdm
 
 from ..errors import FactEditError
 from ..lm.batch import batch_logits, make_batch
+from ..lm.hooks import Trace, TraceDict, first, replace_first
 from ..lm.load import LM
 from ..lm.tokens import encode, encode_target, subject_last_index
-from .common import _first
 
 log = logging.getLogger(__name__)
 KINDS = ("hidden", "mlp", "attn")
@@ -86,14 +88,9 @@ def trace_fact(lm: LM, fact: Fact, noise: float, kinds: Sequence[str] = KINDS, s
     x = torch.tensor([ids], device=dev)
     # clean run: every module output we may restore, at every position
     names = {(k, l): _module_path(lm, k, l) for k in kinds for l in range(n_layers)}
-    clean: dict = {}
-    hs = [model.get_submodule(p).register_forward_hook(lambda _m, _a, o, key=key: clean.__setitem__(key, _first(o)[0]))
-          for key, p in names.items()]
-    try:
+    with TraceDict(model, set(names.values()), detach=True) as td:
         logits = model(input_ids=x, use_cache=False, logits_to_keep=1).logits[0, -1].float()
-    finally:
-        for h in hs:
-            h.remove()
+    clean = {key: td[p].output[0] for key, p in names.items()}
     if fact.answer is None:
         answer = int(logits.argmax())
     else:
@@ -113,7 +110,7 @@ def trace_fact(lm: LM, fact: Fact, noise: float, kinds: Sequence[str] = KINDS, s
         chunk = all_cfg[c0 : c0 + per]
         B = len(chunk) * samples
 
-        def add_noise(_m, _a, out, B=B):
+        def add_noise(out, B=B):
             out = out.clone()
             out[:, s0 : s1 + 1] += eps.repeat(B // samples, 1, 1).to(out.dtype)
             return out
@@ -128,20 +125,18 @@ def trace_fact(lm: LM, fact: Fact, noise: float, kinds: Sequence[str] = KINDS, s
             for ll in span:
                 restore.setdefault((k, ll), []).append((ci, p))
 
-        def put_back(_m, _a, out, key):
-            o = _first(out).clone()
-            for ci, p in restore[key]:
+        def put_back(out, _args, key, rows):
+            o = first(out).clone()
+            for ci, p in rows:
                 o[ci * samples : (ci + 1) * samples, p] = clean[key][p].to(o.dtype)
-            return (o,) + tuple(out[1:]) if isinstance(out, tuple) else o
+            return replace_first(out, o)
 
-        hs = [emb.register_forward_hook(add_noise)]
-        hs += [model.get_submodule(names[key]).register_forward_hook(lambda m, a, o, key=key: put_back(m, a, o, key))
-               for key in restore]
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(Trace(emb, retain_output=False, edit_output=lambda out, _a: add_noise(out)))
+            for key, rows in restore.items():
+                stack.enter_context(Trace(model.get_submodule(names[key]), retain_output=False,
+                                          edit_output=functools.partial(put_back, key=key, rows=rows)))
             out = model(input_ids=x.expand(B, -1), use_cache=False, logits_to_keep=1).logits[:, -1].float()
-        finally:
-            for h in hs:
-                h.remove()
         p = torch.softmax(out, -1)[:, answer].view(len(chunk), samples).mean(1)
         probs[c0 : c0 + len(chunk)] = p.cpu()
     p_corrupt = float(probs[0])

@@ -79,7 +79,9 @@ class Editor(ABC):
 
     def compute(self, lm: LM, requests: Sequence[EditRequest]) -> Patch:
         requests = self.validate(lm, requests)
-        with frozen(lm), torch.enable_grad():
+        # compute changes the shared model while it runs (in-place edits it undoes, a cut block list, autocast
+        # hooks): it holds the model's lock, which scoring, apply and revert take too
+        with lm.lock, frozen(lm), torch.enable_grad():
             return self._compute(lm, requests)
 
     @abstractmethod

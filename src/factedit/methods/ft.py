@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..lm.arch import linear_delta_out
 from ..lm.batch import make_batch, target_nll
+from ..lm.hooks import Trace
 from ..lm.load import LM
 from ..patch.weights import Delta, WeightPatch
 from ..types import EditRequest
@@ -47,14 +48,13 @@ class FTEditor(Editor):
         delta = torch.zeros_like(module.weight, dtype=torch.float32, requires_grad=True)  # module layout
         layout = lm.arch.layout
 
-        def hook(_m, args, out):
+        def add_delta(out, args):
             return out + linear_delta_out(args[0].to(delta.dtype), delta, layout).to(out.dtype)
 
         opt = torch.optim.Adam([delta], lr=c.lr, weight_decay=c.weight_decay)
         chunks = [requests[i : i + c.batch_size] for i in range(0, len(requests), c.batch_size)]
         batches = [make_batch(lm, [r.prompt for r in ch], [r.target_new for r in ch]) for ch in chunks]
-        handle = module.register_forward_hook(hook)
-        try:
+        with Trace(module, retain_output=False, edit_output=add_delta):
             bar = tqdm(range(c.steps), desc="ft", leave=False, disable=None)
             for _ in bar:
                 total = 0.0
@@ -70,8 +70,6 @@ class FTEditor(Editor):
                 bar.set_postfix(loss=f"{mean:.3f}")
                 if mean < c.early_stop_loss:
                     break
-        finally:
-            handle.remove()
         log.info("ft: layer %d, final mean NLL %.3f", c.layer, mean)
         param = f"{path}.weight"
         return WeightPatch(method=self.name, config=self.config_dict(), base_fingerprint=lm.fingerprint,

@@ -15,19 +15,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..lm.arch import Site
 from ..lm.batch import make_batch, target_nll
 from ..lm.load import LM
-from ..patch.modules import ModulePatch, Site
+from ..patch.modules import ModulePatch, Placement, register_intervention
 from ..types import EditRequest
 from .base import Editor
 
 log = logging.getLogger(__name__)
 
 
+@register_intervention("loreft")
 class LoReFTIntervention(nn.Module):
     """Inference form of Φ with R materialised (no parametrisation cost per forward)."""
-
-    kind = "loreft"
 
     def __init__(self, d: int, rank: int) -> None:
         super().__init__()
@@ -93,12 +93,12 @@ class LoReFTEditor(Editor):
     def _compute(self, lm: LM, requests: list[EditRequest]) -> ModulePatch:
         c = self.config
         lm.check_layers(list(c.layers), "intervention layer")
-        sites = [Site(layer=int(layer), positions=c.positions) for layer in c.layers]
+        sites = [Placement(Site("block_output", int(layer)), positions=c.positions) for layer in c.layers]
         gen = torch.random.fork_rng(devices=[])
         with gen:
             torch.manual_seed(c.seed)
             train_mods = self._build(lm.hidden_size)
-        train_patch = ModulePatch(method=self.name, config={}, base_fingerprint=lm.fingerprint, sites=sites,
+        train_patch = ModulePatch(method=self.name, config={}, base_fingerprint=lm.fingerprint, placements=sites,
                                   modules=train_mods)
         params = [p for m in train_mods for p in m.parameters()]
         opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
@@ -125,7 +125,7 @@ class LoReFTEditor(Editor):
         modules = [m.export() for m in train_mods]
         return ModulePatch(method=self.name, config=self.config_dict(), base_fingerprint=lm.fingerprint,
                            requests=list(requests), meta={"preset": self.preset, "final_loss": mean},
-                           sites=sites, modules=modules)
+                           placements=sites, modules=modules)
 
     def _extra_loss(self, lm: LM, batch) -> torch.Tensor | float:
         """Hook for subclasses (BaFT adds locality and load-balancing terms)."""

@@ -1,14 +1,25 @@
-"""Module patches: small trained modules hooked onto a site of the frozen model.
+"""Module patches: small trained modules (interventions) hooked onto named sites of the frozen model.
 
-An intervention replaces the hidden state h at chosen token positions of a site's output with
-Φ(h). Positions are relative to the *prompt*: the scorer and the generator tell the model where each
-prompt ends (``LM.prompt_context``); with no such context the whole input of a multi-token forward is
-the prompt, and single-token decoding steps (KV cache) are left untouched, as in ReFT.
+An intervention replaces the hidden state h at chosen token positions of a site (``lm.arch.Site``: a block's
+output, the MLP's input or output, the out-projection's input, the attention output) with Φ(h). Positions
+are relative to the *prompt*: callers that know where each row's prompt ends say so with
+``lm.hooks.forward_context``; without it the whole input of a multi-token forward is the prompt, and a
+single-token forward is a decoding step. Decoding steps are left alone (as in ReFT) unless the placement's
+positions are ``every`` or the intervention asks for them (``acts_on_decode = True``).
+
+What an intervention class may declare (all optional):
+- ``acts_on_decode``: act on decoding steps too;
+- ``reads_input``: at an output site, also receive the module's input as ``x=`` (MeG's neuron reads the MLP's
+  input and adds to its output);
+- ``prepare(ctx, lm) -> state``: per-query work done once per forward context (``ctx.rows`` carries per-row
+  data), passed to ``forward`` as ``state=``.
+
+Interventions register themselves with ``@register_intervention(kind)`` in their method's module; a patch that
+names an unregistered kind imports its method (through the method registry) before giving up.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,29 +27,53 @@ import torch
 from torch import nn
 
 from ..errors import FactEditError
+from ..lm.arch import Site, resolve_site
+from ..lm.hooks import current_context, first, replace_first
 from ..lm.load import LM
 from .base import Handle, Patch
 
-# kind -> "module:Class"; each class has spec() -> dict, from_spec(spec) -> instance, and a state_dict.
-INTERVENTIONS: dict[str, str] = {
-    "loreft": "factedit.methods.reft:LoReFTIntervention",
-}
-POSITION_MODES = ("last", "first_last", "all")
-SITES = ("block_output",)
+INTERVENTIONS: dict[str, type] = {}
+POSITION_MODES = ("last", "first_last", "all", "every")
 
 
-def intervention_class(kind: str) -> type:
+def register_intervention(kind: str):
+    """Class decorator: register an intervention class under ``kind`` (a duplicate kind raises)."""
+
+    def deco(cls: type) -> type:
+        if kind in INTERVENTIONS and INTERVENTIONS[kind] is not cls:
+            raise FactEditError(f"intervention kind '{kind}' is already registered")
+        cls.kind = kind
+        INTERVENTIONS[kind] = cls
+        return cls
+
+    return deco
+
+
+def intervention_class(kind: str, method: str | None = None) -> type:
+    if kind not in INTERVENTIONS and method:
+        from ..registry import get_editor_class
+
+        try:
+            get_editor_class(method.split("+")[0])  # importing the method registers its interventions
+        except FactEditError:
+            pass
     if kind not in INTERVENTIONS:
-        raise FactEditError(f"unknown intervention kind '{kind}' (known: {', '.join(INTERVENTIONS)})")
-    mod, cls = INTERVENTIONS[kind].split(":")
-    return getattr(importlib.import_module(mod), cls)
+        raise FactEditError(f"unknown intervention kind '{kind}' (known: {', '.join(sorted(INTERVENTIONS))})")
+    return INTERVENTIONS[kind]
 
 
-def position_mask(prompt_lens: torch.Tensor | None, B: int, T: int, mode: str, device) -> torch.Tensor | None:
-    """(B, T) bool mask of the positions to intervene on, or None for none."""
+def position_mask(prompt_lens: torch.Tensor | None, B: int, T: int, mode: str, device, decoding: bool = False,
+                  on_decode: bool = False) -> torch.Tensor | None:
+    """(B, T) bool mask of the positions to intervene on, or None for none.
+
+    prompt_lens None: the whole input is the prompt, unless it is one token (a decoding step)."""
+    if mode not in POSITION_MODES:
+        raise FactEditError(f"unknown position mode '{mode}' (known: {', '.join(POSITION_MODES)})")
+    if decoding or (prompt_lens is None and T == 1):
+        if on_decode or mode == "every":
+            return torch.ones(B, T, dtype=torch.bool, device=device)
+        return None
     if prompt_lens is None:
-        if T == 1:
-            return None  # a decoding step after the prompt
         prompt_lens = torch.full((B,), T, dtype=torch.long)
     if prompt_lens.shape[0] != B:
         raise RuntimeError(f"prompt context has {prompt_lens.shape[0]} rows, forward has {B}")
@@ -50,70 +85,109 @@ def position_mask(prompt_lens: torch.Tensor | None, B: int, T: int, mode: str, d
         return (pos == 0) | (pos == (lens - 1)[:, None])
     if mode == "all":
         return pos < lens[:, None]
-    raise FactEditError(f"unknown position mode '{mode}' (known: {', '.join(POSITION_MODES)})")
+    return torch.ones(B, T, dtype=torch.bool, device=device)  # every: prompt, target and padding alike
 
 
-@dataclass
-class Site:
-    layer: int
+@dataclass(frozen=True)
+class Placement:
+    """Where an intervention acts: a site and the prompt positions there."""
+
+    site: Site
     positions: str = "last"
-    site: str = "block_output"
 
     def __post_init__(self) -> None:
-        if self.site not in SITES:
-            raise FactEditError(f"unknown intervention site '{self.site}' (known: {', '.join(SITES)})")
         if self.positions not in POSITION_MODES:
             raise FactEditError(f"unknown position mode '{self.positions}' (known: {', '.join(POSITION_MODES)})")
 
+    @property
+    def layer(self) -> int:
+        return self.site.layer
 
-def _hook_for(lm: LM, site: Site, module: nn.Module):
-    def hook(_mod, _args, output):
-        h = output[0] if isinstance(output, tuple) else output  # (B, T, d)
-        mask = position_mask(lm.prompt_lens, h.shape[0], h.shape[1], site.positions, h.device)
-        if mask is None or not bool(mask.any()):
-            return output
-        new = module(h.to(next(module.parameters()).dtype)).to(h.dtype)  # (B, T, d)
-        h2 = torch.where(mask[..., None], new, h)
-        return (h2,) + tuple(output[1:]) if isinstance(output, tuple) else h2
 
-    return hook
+def _apply_iv(lm: LM, place: Placement, module: nn.Module, h: torch.Tensor, x: Any) -> torch.Tensor | None:
+    """Φ applied to hidden state h (B, T, d) where the placement and the forward context say; None: untouched."""
+    ctx = current_context()
+    mask = position_mask(ctx.prompt_lens if ctx else None, h.shape[0], h.shape[1], place.positions, h.device,
+                         decoding=bool(ctx and ctx.decoding), on_decode=getattr(module, "acts_on_decode", False))
+    if mask is None or not bool(mask.any()):
+        return None
+    dtype = next(module.parameters()).dtype
+    kw: dict[str, Any] = {}
+    if getattr(module, "reads_input", False):
+        kw["x"] = x.to(dtype)
+    if hasattr(module, "prepare"):
+        if ctx is None:
+            kw["state"] = module.prepare(None, lm)
+        else:
+            key = id(module)
+            if key not in ctx.cache:
+                ctx.cache[key] = module.prepare(ctx, lm)
+            kw["state"] = ctx.cache[key]
+    new = module(h.to(dtype), **kw).to(h.dtype)  # (B, T, d)
+    return torch.where(mask[..., None], new, h)
+
+
+def install(lm: LM, place: Placement, module: nn.Module) -> Any:
+    """Hook ``module`` onto its site of ``lm``; returns the torch hook handle."""
+    target, where, _ = resolve_site(lm.model, lm.arch, place.site)
+    if where == "output":
+        def post(_m, args, out):
+            h2 = _apply_iv(lm, place, module, first(out), args[0] if args else None)
+            return out if h2 is None else replace_first(out, h2)
+
+        return target.register_forward_hook(post)
+
+    def pre(_m, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        h2 = _apply_iv(lm, place, module, h, None)
+        if h2 is None:
+            return None
+        if args:
+            return (h2, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h2}
+
+    return target.register_forward_pre_hook(pre, with_kwargs=True)
 
 
 class ModuleHandle(Handle):
-    def __init__(self, hooks: list) -> None:
+    def __init__(self, lm: LM, hooks: list) -> None:
         super().__init__()
-        self.hooks = hooks
+        self.lm, self.hooks = lm, hooks
 
     def _revert(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
+        with self.lm.lock:
+            for h in self.hooks:
+                h.remove()
+                if h in self.lm.hooks:
+                    self.lm.hooks.remove(h)
+            self.hooks = []
 
     def _merge(self) -> None:
         # Hooked modules are input-dependent and position-dependent: they cannot be folded into the
-        # weights. "Merging" keeps them installed for the life of the model object.
+        # weights. "Merging" keeps them installed for the life of the model object (``lm.reset_hooks`` removes).
         pass
 
 
 @dataclass
 class ModulePatch(Patch):
-    sites: list[Site] = field(default_factory=list)
+    placements: list[Placement] = field(default_factory=list)
     modules: list[nn.Module] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.kind = "modules"
-        if len(self.sites) != len(self.modules):
-            raise ValueError("one module per site")
+        if len(self.placements) != len(self.modules):
+            raise ValueError("one module per placement")
 
     def apply(self, lm: LM, force: bool = False) -> ModuleHandle:
         self.check_base(lm, force)
-        lm.check_layers([s.layer for s in self.sites], "intervention layer")
-        hooks = []
-        for site, module in zip(self.sites, self.modules):
-            module.to(lm.device).eval()
-            block = lm.model.get_submodule(lm.arch.block_path(site.layer))
-            hooks.append(block.register_forward_hook(_hook_for(lm, site, module)))
-        return ModuleHandle(hooks)
+        lm.check_layers([p.layer for p in self.placements], "intervention layer")
+        with lm.lock:
+            hooks = []
+            for place, module in zip(self.placements, self.modules):
+                module.to(lm.device).eval()
+                hooks.append(install(lm, place, module))
+            lm.hooks.extend(hooks)
+        return ModuleHandle(lm, hooks)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -123,16 +197,16 @@ class ModulePatch(Patch):
         return out
 
     def spec(self) -> dict[str, Any]:
-        return {"interventions": [{"site": s.site, "layer": s.layer, "positions": s.positions, "kind": m.kind,
-                                   "module": m.spec()} for s, m in zip(self.sites, self.modules)]}
+        return {"interventions": [{"site": p.site.kind, "layer": p.layer, "positions": p.positions, "kind": m.kind,
+                                   "module": m.spec()} for p, m in zip(self.placements, self.modules)]}
 
     @classmethod
     def from_parts(cls, manifest: dict, tensors: dict[str, torch.Tensor], **common) -> ModulePatch:
-        sites, modules = [], []
+        placements, modules = [], []
         for i, item in enumerate(manifest["spec"]["interventions"]):
-            sites.append(Site(layer=int(item["layer"]), positions=item["positions"], site=item["site"]))
-            module = intervention_class(item["kind"]).from_spec(item["module"])
+            placements.append(Placement(Site(item["site"], int(item["layer"])), positions=item["positions"]))
+            module = intervention_class(item["kind"], manifest.get("method")).from_spec(item["module"])
             state = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}::")}
             module.load_state_dict(state, strict=True)
             modules.append(module)
-        return cls(sites=sites, modules=modules, **common)
+        return cls(placements=placements, modules=modules, **common)

@@ -33,20 +33,74 @@ class Delta:
         return tuple(self.dense.shape) if self.dense is not None else (self.u.shape[0], self.v.shape[0])
 
 
-class WeightHandle(Handle):
-    def __init__(self, params: dict[str, torch.nn.Parameter], originals: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.params = params
-        self.originals = originals  # exact copies: in low precision, w + d - d is not w
+class WeightStack:
+    """The weight patches applied to one model now, in order, and the base value of every parameter they touch.
+
+    Reverting a patch puts each parameter it touched back to its base value and re-adds the deltas of the
+    patches still applied, in their order: the result is bit-identical to applying only those patches, whatever
+    order patches are reverted in (in low precision w + d − d is not w, so nothing is ever subtracted)."""
+
+    def __init__(self) -> None:
+        self.base: dict[str, torch.Tensor] = {}  # exact copies of the touched parameters before any patch
+        self.applied: list[WeightHandle] = []
+
+    @staticmethod
+    def of(lm: LM) -> WeightStack:
+        if lm.weight_stack is None:
+            lm.weight_stack = WeightStack()
+        return lm.weight_stack
 
     @torch.no_grad()
+    def push(self, handle: WeightHandle) -> None:
+        for name, p in handle.params.items():
+            if name not in self.base:
+                self.base[name] = p.detach().clone()
+            p.add_(handle.delta(name))
+        self.applied.append(handle)
+
+    @torch.no_grad()
+    def remove(self, handle: WeightHandle) -> None:
+        self.applied.remove(handle)
+        for name, p in handle.params.items():
+            p.copy_(self.base[name])
+            rest = [h for h in self.applied if name in h.params]
+            for h in rest:
+                p.add_(h.delta(name))
+            if all(h.is_merged for h in rest):  # nothing left that could be reverted here
+                del self.base[name]
+                for h in rest:
+                    h.params.pop(name)
+        self.applied = [h for h in self.applied if h.params]
+
+    def merged(self, handle: WeightHandle) -> None:
+        """``handle``'s change is kept for good: where only merged patches touch a parameter, its base copy is
+        dropped (its current value becomes the new base)."""
+        for name in list(handle.params):
+            if all(h.is_merged for h in self.applied if name in h.params):
+                self.base.pop(name, None)
+                for h in self.applied:
+                    h.params.pop(name, None)
+        self.applied = [h for h in self.applied if h.params]
+
+
+class WeightHandle(Handle):
+    def __init__(self, lm: LM, params: dict[str, torch.nn.Parameter], deltas: dict[str, Delta]) -> None:
+        super().__init__()
+        self.lm, self.params, self.deltas = lm, params, deltas
+        self.is_merged = False
+
+    def delta(self, name: str) -> torch.Tensor:
+        p = self.params[name]
+        return self.deltas[name].materialise().to(device=p.device, dtype=p.dtype)
+
     def _revert(self) -> None:
-        for name, p in self.params.items():
-            p.copy_(self.originals[name])
-        self.originals = {}
+        with self.lm.lock:
+            WeightStack.of(self.lm).remove(self)
 
     def _merge(self) -> None:
-        self.originals = {}
+        with self.lm.lock:
+            self.is_merged = True
+            WeightStack.of(self.lm).merged(self)
 
 
 @dataclass
@@ -66,12 +120,10 @@ class WeightPatch(Patch):
             if tuple(params[name].shape) != d.shape:
                 raise FactEditError(f"patch delta for '{name}' has shape {d.shape}, parameter is "
                                     f"{tuple(params[name].shape)}")
-        touched = {n: params[n] for n in self.deltas}
-        originals = {n: p.detach().clone() for n, p in touched.items()}
-        for name, d in self.deltas.items():
-            p = touched[name]
-            p.add_(d.materialise().to(device=p.device, dtype=p.dtype))
-        return WeightHandle(touched, originals)
+        handle = WeightHandle(lm, {n: params[n] for n in self.deltas}, dict(self.deltas))
+        with lm.lock:
+            WeightStack.of(lm).push(handle)
+        return handle
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
