@@ -35,9 +35,53 @@ def parse_int_list(value: Any) -> list[int]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """The allowed range of a numeric config value, attached with ``Annotated[float, Domain(...)]``."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is not allowed
+
+    def check(self, value: Any, key: str) -> None:
+        if value is None:
+            return
+        bad = (self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo))) or \
+            (self.hi is not None and value > self.hi)
+        if bad or (isinstance(value, float) and value != value):
+            lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:g}"
+            hi = "" if self.hi is None else f"<= {self.hi:g}"
+            raise FactEditError(f"config key '{key}': {value!r} is out of range (must be {' and '.join(x for x in (lo, hi) if x)})")
+
+
+POSITIVE = Domain(0, lo_open=True)  # learning rates, steps, batch sizes, token counts
+NON_NEGATIVE = Domain(0)  # loss weights, thresholds
+PROBABILITY = Domain(0, 1)
+PosInt = typing.Annotated[int, POSITIVE]
+PosFloat = typing.Annotated[float, POSITIVE]
+NonNegInt = typing.Annotated[int, NON_NEGATIVE]
+NonNegFloat = typing.Annotated[float, NON_NEGATIVE]
+Probability = typing.Annotated[float, PROBABILITY]
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is typing.Annotated:
+        out = _coerce(value, args[0], key)
+        for meta in args[1:]:
+            if isinstance(meta, Domain):
+                for v in out if isinstance(out, (list, tuple)) else [out]:
+                    meta.check(v, key)
+        return out
+    if origin is typing.Literal:
+        for option in args:  # "bf16" from the command line, True from YAML, ... compared as the option's type
+            try:
+                if _coerce(value, type(option), key) == option:
+                    return option
+            except FactEditError:
+                continue
+        raise FactEditError(f"config key '{key}': {value!r} is not one of {', '.join(map(repr, args))}")
     try:
         if origin is typing.Union or origin is types.UnionType:
             if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
@@ -87,16 +131,23 @@ def parse_sets(pairs: list[str] | None) -> dict[str, str]:
 
 
 def build(cls: type, *layers: dict[str, Any] | None, what: str = "config") -> Any:
-    """Instantiate dataclass ``cls`` from successive override dicts (later wins)."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    """Instantiate dataclass ``cls`` from successive override dicts (later wins). Every value, defaults
+    included, is checked against its declared type: ``Literal`` options and ``Domain`` ranges."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for layer in layers:
         for k, v in (layer or {}).items():
-            if k not in names:
-                raise FactEditError(f"unknown {what} key '{k}' (known: {', '.join(sorted(names))})")
-            values[k] = _coerce(v, hints[k], k)
-    return cls(**values)
+            if k not in fields:
+                raise FactEditError(f"unknown {what} key '{k}' (known: {', '.join(sorted(fields))})")
+            values[k] = v
+    out = {}
+    for k, f in fields.items():
+        if k in values:
+            out[k] = _coerce(values[k], hints[k], k)
+        elif f.default is not dataclasses.MISSING:  # defaults are checked too (a wrong default is a bug)
+            _coerce(f.default, hints[k], k)
+    return cls(**out)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

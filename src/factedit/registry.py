@@ -18,7 +18,9 @@ _METHODS: dict[str, tuple[str, str]] = {
 
 
 def register(name: str, target: str, description: str = "") -> None:
-    """Register an editor class given as "module:Class" under ``name``."""
+    """Register an editor class given as "module:Class" under ``name``; a name taken by another class raises."""
+    if name in _METHODS and _METHODS[name][0] != target:
+        raise FactEditError(f"method name '{name}' is already registered (by {_METHODS[name][0]})")
     _METHODS[name] = (target, description)
 
 

@@ -158,3 +158,35 @@ def test_out_of_range_layers_are_rejected():
         get_editor("ft", lm, layer=7).compute(lm, REQUESTS[:1])
     with pytest.raises(FactEditError, match="out of range"):
         get_editor("loreft", lm, layers="1,9").compute(lm, REQUESTS[:1])
+
+
+def _enum_keys(cls):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls.Config, include_extras=True)
+    return [f.name for f in dataclasses.fields(cls.Config) if typing.get_origin(hints[f.name]) is typing.Literal]
+
+
+@pytest.mark.parametrize("method", sorted(__import__("factedit.registry", fromlist=["x"]).list_methods()))
+def test_a_bad_enum_value_is_refused_before_the_model_loads(method, tmp_path, monkeypatch):
+    from factedit import cli
+    from factedit.registry import get_editor_class
+
+    cls = get_editor_class(method)
+    keys = _enum_keys(cls)
+    if method != "ft":  # FT-L has no enum-like key; every other method has at least one
+        assert keys, method
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("factedit.lm.load.load_lm", no_model)
+    for key in keys:
+        out = tmp_path / f"run-{key}"
+        argv = ["eval", "--method", method, "--bench", "counterfact", "--limit", "1", "--set", f"{key}=sideways",
+                "--out", str(out)]
+        assert cli.main(argv) == 2, key
+        assert not out.exists()
+    with pytest.raises(FactEditError, match="out of range"):  # a numeric domain too
+        get_editor(method, None, **{"steps" if method in TRAINED else "v_steps": 0})

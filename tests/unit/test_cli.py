@@ -155,7 +155,8 @@ def test_eval_reuses_pre_edit_records_from_an_earlier_run(tmp_path, tiny_folder,
     data.write_text(json.dumps(recs))
     base = ["eval", "--model", str(tiny_folder), "--bench", "counterfact", "--data", str(data),
             "--set", "eval.fluency_cases=0", "--set", "eval.ppl_tokens=0", "--data-dir", str(tmp_path)]
-    assert cli.main(base + ["--method", "ft", "--pre-only", "--limit", "2", "--out", str(tmp_path / "pre")]) == 0
+    assert cli.main(base + ["--method", "ft", "--set", "layer=1", "--pre-only", "--limit", "2", "--out",
+                           str(tmp_path / "pre")]) == 0
     argv = base + ["--method", "ft", "--mode", "batch", "--set", "layer=1", "--set", "steps=2",
                    "--out", str(tmp_path / "run"), "--pre-from", str(tmp_path / "pre")]
     assert cli.main(argv) == 0

@@ -53,3 +53,38 @@ def test_presets_resolve_for_llama():
     data, src = cfgmod.load_preset("ft", "llama", 30)
     assert src is not None and "layer" in data
     assert cfgmod.load_preset("ft", "no-such-family") == ({}, None)
+
+
+def test_literal_and_domain_are_enforced_with_a_message_naming_the_key():
+    from factedit.eval.harness import EvalConfig
+    from factedit.methods.locate import AlphaEditConfig, NSEConfig
+
+    assert cfgmod.build(AlphaEditConfig, {"nullspace_mode": "relative", "autocast": "bf16"}).nullspace_mode == "relative"
+    for cls, key, bad, msg in [(AlphaEditConfig, "nullspace_mode", "sideways", "not one of"),
+                               (AlphaEditConfig, "key_average", "mean", "not one of"),
+                               (LoReFTConfig, "positions", "middle", "not one of"),
+                               (NSEConfig, "neuron_threshold", "1.5", "out of range"),
+                               (FTConfig, "lr", "0", "out of range"), (FTConfig, "steps", "-3", "out of range"),
+                               (EvalConfig, "batch_size", "0", "out of range")]:
+        with pytest.raises(FactEditError, match=f"'{key}'.*{msg}"):
+            cfgmod.build(cls, {key: bad})
+
+
+def test_the_method_registry_refuses_a_duplicate_name():
+    from factedit.registry import list_methods, register
+
+    register("memit", "factedit.methods.locate:MEMITEditor")  # the same class again: a no-op
+    with pytest.raises(FactEditError, match="already registered"):
+        register("memit", "factedit.methods.ft:FTEditor")
+    assert len(list_methods()) == 6
+
+
+def test_layers_are_checked_against_the_model_when_the_editor_is_created():
+    from tiny import tiny_lm
+
+    from factedit import get_editor
+
+    lm = tiny_lm("llama")
+    for method, kw in [("memit", {"layers": "1-9"}), ("ft", {"layer": -1}), ("loreft", {"layers": "7"})]:
+        with pytest.raises(FactEditError, match="out of range"):
+            get_editor(method, lm, **kw)

@@ -24,6 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .. import config as cfgmod
+from ..config import NonNegInt, PosInt
 from ..errors import FactEditError
 from ..fsutil import JsonlWriter, read_jsonl, write_json
 from ..lm.load import LM
@@ -39,12 +40,12 @@ MODES = ("single", "batch", "sequential")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = 32  # prompts per scoring forward pass
-    ppl_tokens: int = 16384  # WikiText-2 tokens for perplexity (0: skip)
-    ppl_window: int = 512  # tokens per perplexity window
-    fluency_cases: int = 25  # cases whose generation prompts are sampled for fluency (0: skip)
-    gen_length: int = 100  # total tokens (prompt + continuation) per generated text (CounterFact: 100)
-    gen_top_k: int = 5  # top-k sampling for fluency (CounterFact: 5)
+    batch_size: PosInt = 32  # prompts per scoring forward pass
+    ppl_tokens: NonNegInt = 16384  # WikiText-2 tokens for perplexity (0: skip)
+    ppl_window: PosInt = 512  # tokens per perplexity window
+    fluency_cases: NonNegInt = 25  # cases whose generation prompts are sampled for fluency (0: skip)
+    gen_length: PosInt = 100  # total tokens (prompt + continuation) per generated text (CounterFact: 100)
+    gen_top_k: PosInt = 5  # top-k sampling for fluency (CounterFact: 5)
     seed: int = 0
     # Sequential mode: also score each round's records right after that round (on the model edited up to
     # it), besides once at the end of the stream. The summary then reports both, overall and per round:

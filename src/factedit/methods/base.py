@@ -57,7 +57,21 @@ class Editor(ABC):
         cfg = cfgmod.build(cls.Config, preset, overrides, what=f"{cls.name} config")
         if source:
             log.info("%s: preset %s", cls.name, source)
-        return cls(cfg, preset=source)
+        ed = cls(cfg, preset=source)
+        if lm is not None:
+            ed.check_config(lm)
+        return ed
+
+    def check_config(self, lm: LM) -> None:
+        """Settings that depend on the model, checked right after the config is read (before statistics,
+        evaluation or editing): every ``layer`` / ``layers`` value must be a layer of ``lm``."""
+        c = self.config
+        if hasattr(c, "layer"):
+            lm.check_layers([c.layer], f"{self.name} layer")
+        if hasattr(c, "layers"):
+            if not c.layers:
+                raise FactEditError(f"{self.name}: config key 'layers' is empty")
+            lm.check_layers(list(c.layers), f"{self.name} layer")
 
     def config_dict(self) -> dict[str, Any]:
         return cfgmod.to_dict(self.config)

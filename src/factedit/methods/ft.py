@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..config import NonNegFloat, PosFloat, PosInt
 from ..lm.arch import linear_delta_out
 from ..lm.batch import make_batch, target_nll
 from ..lm.hooks import Trace
@@ -28,12 +29,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FTConfig:
     layer: int = 5  # block whose MLP out-projection is tuned (ROME's FT-L tunes one layer)
-    lr: float = 5e-4  # Adam learning rate (ROME/EasyEdit FT-L default)
-    steps: int = 25  # passes over the requests (ROME: num_steps)
-    batch_size: int = 64  # requests per optimiser step
-    norm_constraint: float = 5e-4  # ε of the L∞ constraint on ΔW, in weight units (ROME: 5e-4)
-    weight_decay: float = 0.0
-    early_stop_loss: float = 1e-2  # stop once the mean target NLL is below this
+    lr: PosFloat = 5e-4  # Adam learning rate (ROME/EasyEdit FT-L default)
+    steps: PosInt = 25  # passes over the requests (ROME: num_steps)
+    batch_size: PosInt = 64  # requests per optimiser step
+    norm_constraint: PosFloat = 5e-4  # ε of the L∞ constraint on ΔW, in weight units (ROME: 5e-4)
+    weight_decay: NonNegFloat = 0.0
+    early_stop_loss: NonNegFloat = 1e-2  # stop once the mean target NLL is below this
 
 
 class FTEditor(Editor):

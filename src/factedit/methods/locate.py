@@ -23,9 +23,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from ..config import NonNegFloat, NonNegInt, PosFloat, PosInt, Probability
 from ..errors import FactEditError
 from ..lm.load import LM
 from ..locate import common
@@ -35,30 +37,31 @@ from ..types import EditRequest
 from .base import Editor
 
 log = logging.getLogger(__name__)
+KeyAverage = Literal["group", "flat"]  # MEMIT: mean of the bare and prefixed halves; ROME: flat mean
 
 
 @dataclass(frozen=True)
 class LocateConfig:
     layers: tuple[int, ...] = (4, 5, 6, 7, 8)  # edited MLP out-projections (Llama-3-8B defaults)
-    v_steps: int = 25
-    v_lr: float = 0.5
-    clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    kl_direction: str = "current_initial"  # the reference code's KL(P_δ ‖ P_orig); "initial_current" for the other
-    v_weight_decay: float = 0.5
-    early_stop_loss: float = 0.05
+    v_steps: PosInt = 25
+    v_lr: PosFloat = 0.5
+    clamp_norm_factor: PosFloat = 0.75
+    kl_factor: NonNegFloat = 0.0625
+    kl_direction: Literal["current_initial", "initial_current"] = "current_initial"  # the reference code's KL(P_δ ‖ P_orig); "initial_current" for the other
+    v_weight_decay: NonNegFloat = 0.5
+    early_stop_loss: NonNegFloat = 0.05
     template_lengths: tuple[int, ...] = (10,)  # one group of sampled prefixes per length
-    templates_per_length: int = 5
+    templates_per_length: NonNegInt = 5
     template_seed: int = 0
-    key_average: str = "group"  # "group" (MEMIT: bare and prefixed halves) or "flat" (ROME)
-    z_batch: int = 16  # requests optimised together in the z* loop
+    key_average: KeyAverage = "group"  # "group" (MEMIT: bare and prefixed halves) or "flat" (ROME)
+    z_batch: PosInt = 16  # requests optimised together in the z* loop
     z_fast: bool = True  # reuse hidden states below the site, LM head only where the loss reads
-    autocast: str = "none"  # "none" or "bf16" for the z* forward/backward
+    autocast: Literal["none", "bf16"] = "none"  # "none" or "bf16" for the z* forward/backward
     z_cache: bool = True  # keep each z* on disk per weights digest and reuse it (common.ZStore)
     mom2_corpus: str | None = None  # text file for key statistics (None: shared WikiText-2 validation)
-    mom2_tokens: int = 200_000
-    mom2_max_len: int = 512
-    mom2_update_weight: float = 15000.0  # λ in λ·C0
+    mom2_tokens: PosInt = 200_000
+    mom2_max_len: PosInt = 512
+    mom2_update_weight: NonNegFloat = 15000.0  # λ in λ·C0
 
 
 def _z_settings(c: LocateConfig) -> common.ZSettings:
@@ -113,10 +116,7 @@ class LocateEditor(Editor):
         return {l: self._stats[l] for l in layers}
 
     def _validate_config(self, lm: LM) -> None:
-        c = self.config
         lm.check_layers(self.edit_layers(), "edit layer")
-        if c.key_average not in ("group", "flat"):
-            raise FactEditError(f"key_average must be 'group' or 'flat', not '{c.key_average}'")
 
     def validate(self, lm: LM, requests):
         self._validate_config(lm)
@@ -316,9 +316,9 @@ class MEMITEditor(LocateEditor):
 # ---- AlphaEdit ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AlphaEditConfig(LocateConfig):
-    nullspace_threshold: float = 2e-2
-    nullspace_mode: str = "absolute"  # "absolute": eigenvalue < threshold (published); "relative": < threshold·λ_max
-    L2: float = 10.0  # the identity coefficient (official repo 10; EasyEdit yamls 1)
+    nullspace_threshold: NonNegFloat = 2e-2
+    nullspace_mode: Literal["absolute", "relative"] = "absolute"  # "absolute": eigenvalue < threshold (published); "relative": < threshold·λ_max
+    L2: NonNegFloat = 10.0  # the identity coefficient (official repo 10; EasyEdit yamls 1)
 
 
 class AlphaEditEditor(MEMITEditor):
@@ -345,11 +345,11 @@ class AlphaEditEditor(MEMITEditor):
 # ---- NSE ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NSEConfig(LocateConfig):
-    mom2_update_weight: float = 15000.0
-    alpha: float = 2.5  # re-edit requests whose ‖z* − h_L‖ exceeds this (Llama3: 2.5, GPT-J 15, GPT2-XL 35)
-    upper_bound: float = 50.0  # ... but not outliers above this
-    max_iterations: int = 3  # passes; the last one only re-checks
-    neuron_threshold: float = 1.0  # p: neurons covering this fraction of the batch's key mass are updated
+    mom2_update_weight: NonNegFloat = 15000.0
+    alpha: NonNegFloat = 2.5  # re-edit requests whose ‖z* − h_L‖ exceeds this (Llama3: 2.5, GPT-J 15, GPT2-XL 35)
+    upper_bound: PosFloat = 50.0  # ... but not outliers above this
+    max_iterations: PosInt = 3  # passes; the last one only re-checks
+    neuron_threshold: Probability = 1.0  # p: neurons covering this fraction of the batch's key mass are updated
 
 
 class NSEEditor(MEMITEditor):
@@ -438,12 +438,12 @@ class NSEEditor(MEMITEditor):
 @dataclass(frozen=True)
 class ROMEConfig(LocateConfig):
     layers: tuple[int, ...] = (5,)  # exactly one layer
-    clamp_norm_factor: float = 4.0
+    clamp_norm_factor: PosFloat = 4.0
     template_lengths: tuple[int, ...] = (5, 10)
-    templates_per_length: int = 10
-    key_average: str = "flat"
+    templates_per_length: NonNegInt = 10
+    key_average: KeyAverage = "flat"
     mom2_adjustment: bool = True  # C = E[k kᵀ]; False: C = I (the Llama3 setting of the NSE/AlphaEdit repos)
-    z_batch: int = 1  # each request's v* is computed on the model after the previous requests' edits
+    z_batch: PosInt = 1  # each request's v* is computed on the model after the previous requests' edits
     z_cache: bool = False  # each v* sees the previous edits, so a stored one is reused only on a re-run;
     # the weights digest (~3 s on SmolLM2) would cost more per request than it saves
 

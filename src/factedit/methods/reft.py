@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import NonNegFloat, PosFloat, PosInt
 from ..lm.arch import Site
 from ..lm.batch import make_batch, target_nll
 from ..lm.load import LM
@@ -73,13 +75,13 @@ class _TrainableLoReFT(nn.Module):
 @dataclass(frozen=True)
 class LoReFTConfig:
     layers: tuple[int, ...] = (8,)  # blocks whose output is intervened on
-    rank: int = 4  # r, the subspace dimension
-    positions: str = "last"  # prompt positions: last | first_last | all
-    lr: float = 4e-3  # AdamW learning rate
-    steps: int = 100  # passes over the requests
-    batch_size: int = 64
-    weight_decay: float = 0.0
-    early_stop_loss: float = 1e-2
+    rank: PosInt = 4  # r, the subspace dimension
+    positions: Literal["last", "first_last", "all", "every"] = "last"  # prompt positions (every: decoding too)
+    lr: PosFloat = 4e-3  # AdamW learning rate
+    steps: PosInt = 100  # passes over the requests
+    batch_size: PosInt = 64
+    weight_decay: NonNegFloat = 0.0
+    early_stop_loss: NonNegFloat = 1e-2
     seed: int = 0  # initialisation of R, W, b
 
 
