@@ -34,14 +34,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from factedit.data import default_bench_file, load_counterfact
-    from factedit.eval.metrics import _probes
+    from factedit.eval.benches import get_benchmark
     from factedit.eval.scoring import score_targets
     from factedit.fsutil import write_json
     from factedit.lm.load import load_lm
 
     lm = load_lm(args.model)
     cases = load_counterfact(default_bench_file("counterfact"), args.n)
-    flat = [p for c in cases for p in _probes(c, "counterfact")]
+    flat = [p for c in cases for p in get_benchmark("counterfact").probes(c)]
     prompts, targets = [f[2] for f in flat], [f[3] for f in flat]
     score_targets(lm, prompts[:64], targets[:64], pack=False)  # warm-up
     times: dict[str, list[float]] = {"separate_rows": [], "packed": []}

@@ -53,14 +53,12 @@ def cmd_methods(args) -> int:
 
 
 def _load_cases(bench: str, data: str | None, limit: int | None, zsre_target: str):
-    from .data import default_bench_file, load_counterfact, load_zsre
+    from .data import default_bench_file
+    from .eval.benches import get_benchmark
 
+    b = get_benchmark(bench)
     path = Path(data) if data else default_bench_file(bench)
-    if bench == "counterfact":
-        return path, load_counterfact(path, limit)
-    if bench == "zsre":
-        return path, load_zsre(path, limit, target=zsre_target)
-    raise FactEditError(f"unknown bench '{bench}' (known: counterfact, zsre)")
+    return path, b.load(path, limit, {"zsre_target": zsre_target})
 
 
 def cmd_eval(args) -> int:
@@ -361,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("trace", help="causal tracing: which layers carry facts at the subject (layer choice)")
     sp.add_argument("--model", default="smollm2-135m")
-    sp.add_argument("--bench", choices=["counterfact", "zsre"], default="counterfact")
+    sp.add_argument("--bench", default="counterfact", help="a registered benchmark (counterfact, zsre, ...)")
     sp.add_argument("--data", default=None, help="benchmark file (default: shared/data beside the checkout)")
     sp.add_argument("--limit", type=int, default=50, help="first N records")
     sp.add_argument("--kinds", default="hidden,mlp,attn", help="states to restore: hidden, mlp, attn")
@@ -403,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval", help="edit and evaluate on a benchmark")
     common(sp)
-    sp.add_argument("--bench", required=True, choices=["counterfact", "zsre"])
+    sp.add_argument("--bench", required=True, help="a registered benchmark (counterfact, zsre, ...)")
     sp.add_argument("--data", help="benchmark file (default: shared/data beside the checkout)")
     sp.add_argument("--data-dir", help="data folder for WikiText-2 (default: FACTEDIT_DATA or shared/data)")
     sp.add_argument("--mode", default="batch", choices=["single", "batch", "sequential"])

@@ -89,9 +89,14 @@ class EvalCase:
     neighborhood_target: str | None = None
     locality: tuple[tuple[str, str], ...] = ()
     generation_prompts: tuple[str, ...] = ()
+    # further edits applied together with ``request`` (a multi-hop case edits up to four facts at once)
+    extra_requests: tuple[EditRequest, ...] = ()
 
     def __post_init__(self) -> None:
         label = self.request.label
+        for r in (self.request, *self.extra_requests):
+            if not isinstance(r, EditRequest):
+                raise FactEditError(f"{label}: edit requests must be EditRequest, got {type(r).__name__}")
         for p in self.paraphrase_prompts + self.neighborhood_prompts + self.generation_prompts:
             _need_str(p, "probe prompt", label)
         for pair in self.locality:
@@ -105,3 +110,8 @@ class EvalCase:
     @property
     def case_id(self):
         return self.request.case_id
+
+    @property
+    def requests(self) -> tuple[EditRequest, ...]:
+        """Every edit of the case, the main one first."""
+        return (self.request, *self.extra_requests)

@@ -31,10 +31,10 @@ def test_model_knows_the_demo_facts_before_editing(smollm):
 def test_packed_scoring_matches_separate_rows_on_the_real_model(smollm):
     """The demo cases' probes (two targets per prompt, multi-token ones among them) score the same
     packed as one row per target."""
-    from factedit.eval.metrics import _probes
+    from factedit.eval.benches import get_benchmark
     from factedit.eval.scoring import packable, score_targets
 
-    flat = [p for c in demo_cases() for p in _probes(c, "counterfact")]
+    flat = [p for c in demo_cases() for p in get_benchmark("counterfact").probes(c)]
     prompts, targets = [f[2] for f in flat], [f[3] for f in flat]
     assert packable(smollm) and len(set(prompts)) < len(prompts)
     sep = score_targets(smollm, prompts, targets, pack=False)

@@ -160,3 +160,33 @@ def test_after_round_outside_sequential_mode_is_refused_before_any_work(tmp_path
     with pytest.raises(FactEditError, match="after_round .* mode 'batch' has no rounds"):
         run(tmp_path, "b", "batch", eval_cfg=dataclasses.replace(ECFG, after_round=True))
     assert not (tmp_path / "b").exists()
+
+
+def test_an_unknown_benchmark_is_refused_by_name(tmp_path):
+    from factedit.eval.benches import BENCHMARKS, Benchmark, register_benchmark
+
+    with pytest.raises(FactEditError, match="unknown benchmark 'mquak'.*counterfact"):
+        run(tmp_path, "x", "batch", bench="mquak")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(FactEditError, match="already registered"):
+        register_benchmark(Benchmark("zsre", "x", *(lambda *a: None,) * 3))
+    assert set(BENCHMARKS) >= {"counterfact", "zsre"}
+
+
+def test_a_case_with_several_edits_applies_them_all(tmp_path):
+    two = EvalCase(request=EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", case_id=0),
+                   extra_requests=(EditRequest("The capital of Italy is", "Italy", "London", "Rome", case_id=0),),
+                   neighborhood_prompts=("Big Ben is in",))
+    seen = []
+    lm = tiny_lm("llama")
+    ed = get_editor("ft", lm, **FT)
+    real = ed.compute
+    ed.compute = lambda lm_, reqs: seen.append([r.subject for r in reqs]) or real(lm_, reqs)
+    s = Runner(lm, ed, [two], bench="counterfact", mode="single", out=tmp_path / "two", eval_cfg=ECFG,
+               general_text=TEXT).run()
+    assert seen == [["Eiffel Tower", "Italy"]]
+    rec = json.loads((tmp_path / "two" / "cases.jsonl").read_text().splitlines()[0])
+    assert {"rewrite", "rewrite@1", "rewrite_true@1"} <= set(rec["post"]["raw"])  # each edit is probed
+    assert s["post"]["efficacy"] == 100.0
+    with pytest.raises(FactEditError, match="must be EditRequest"):
+        EvalCase(request=two.request, extra_requests=("not a request",))

@@ -8,11 +8,8 @@ from pathlib import Path
 
 from ..errors import FactEditError
 
-BENCH_FILES = {
-    "counterfact": "counterfact/counterfact-edit.json.gz",
-    "zsre": "zsre/zsre_mend_eval_portability_gpt4.json",
-    "wikitext": "wikitext-2/test.txt.gz",
-}
+# files that are not benchmarks (a benchmark's default file is declared in its registry entry, eval/benches.py)
+BENCH_FILES = {"wikitext": "wikitext-2/test.txt.gz"}
 
 
 def default_data_dir() -> Path | None:
@@ -31,4 +28,8 @@ def default_bench_file(bench: str) -> Path:
     root = default_data_dir()
     if root is None:
         raise FactEditError(f"no data folder found for '{bench}': pass --data FILE or set FACTEDIT_DATA")
-    return root / BENCH_FILES[bench]
+    if bench in BENCH_FILES:
+        return root / BENCH_FILES[bench]
+    from ..eval.benches import get_benchmark
+
+    return root / get_benchmark(bench).default_file

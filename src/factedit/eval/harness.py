@@ -31,6 +31,7 @@ from ..lm.load import LM
 from ..methods.base import Editor
 from ..patch.base import Patch
 from ..types import EvalCase
+from .benches import get_benchmark
 from .metrics import HEADLINE, aggregate, case_metrics, score_cases
 from .scoring import ngram_entropy, perplexity, sample_batch
 
@@ -70,6 +71,7 @@ class Runner:
                  data: str | None = None, pre_only: bool = False, pre_from: Path | None = None) -> None:
         if mode not in MODES:
             raise FactEditError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
+        get_benchmark(bench)  # an unknown benchmark is refused by name
         if not cases:
             raise FactEditError("no evaluation cases")
         if edit_batch < 1:
@@ -222,7 +224,7 @@ class Runner:
                     todo = [i for i in range(len(self.cases)) if i not in done]
                     for i in tqdm(todo, desc="single edits", disable=None):
                         t0 = time.perf_counter()
-                        patch = self.editor.compute(self.lm, [self.cases[i].request])
+                        patch = self.editor.compute(self.lm, list(self.cases[i].requests))
                         dt = time.perf_counter() - t0
                         _add_time(self.out, "edit_s", dt)
                         with patch.apply(self.lm):
@@ -241,7 +243,7 @@ class Runner:
                         if seq and r > saved_round and path.exists():
                             # saved after the last saved editor state: recompute it from that state
                             shutil.rmtree(path)
-                        patch = self._compute_saved(path, [self.cases[i].request for i in idx])
+                        patch = self._compute_saved(path, [r for i in idx for r in self.cases[i].requests])
                         handles.append(patch.apply(self.lm))
                         if seq and r > saved_round:
                             self.editor.commit(patch)
