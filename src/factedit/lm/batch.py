@@ -63,3 +63,9 @@ def target_nll(lm: LM, batch: TargetBatch) -> torch.Tensor:
     valid = labels >= 0
     tok_lp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * valid  # (B, K)
     return -tok_lp.sum(1) / valid.sum(1).clamp(min=1)
+
+
+def request_batches(lm: LM, requests, batch_size: int) -> tuple[list[TargetBatch], list[int]]:
+    """Teacher-forced batches of (prompt, target_new) for requests, ``batch_size`` per batch, and their sizes."""
+    chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    return [make_batch(lm, [r.prompt for r in ch], [r.target_new for r in ch]) for ch in chunks], [len(ch) for ch in chunks]

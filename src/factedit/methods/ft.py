@@ -12,16 +12,16 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import NonNegFloat, PosFloat, PosInt
 from ..lm.arch import linear_delta_out
-from ..lm.batch import make_batch, target_nll
+from ..lm.batch import request_batches, target_nll
 from ..lm.hooks import Trace
 from ..lm.load import LM
 from ..patch.weights import Delta, WeightPatch
 from ..types import EditRequest
 from .base import Editor
+from .train import TrainSettings, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -52,25 +52,14 @@ class FTEditor(Editor):
         def add_delta(out, args):
             return out + linear_delta_out(args[0].to(delta.dtype), delta, layout).to(out.dtype)
 
-        opt = torch.optim.Adam([delta], lr=c.lr, weight_decay=c.weight_decay)
-        chunks = [requests[i : i + c.batch_size] for i in range(0, len(requests), c.batch_size)]
-        batches = [make_batch(lm, [r.prompt for r in ch], [r.target_new for r in ch]) for ch in chunks]
+        batches, sizes = request_batches(lm, requests, c.batch_size)
+        settings = TrainSettings(steps=c.steps, lr=c.lr, optimizer="adam", weight_decay=c.weight_decay,
+                                 early_stop_loss=c.early_stop_loss, desc="ft")
         with Trace(module, retain_output=False, edit_output=add_delta):
-            bar = tqdm(range(c.steps), desc="ft", leave=False, disable=None)
-            for _ in bar:
-                total = 0.0
-                for batch in batches:
-                    opt.zero_grad(set_to_none=True)
-                    loss = target_nll(lm, batch).mean()
-                    loss.backward()
-                    opt.step()
-                    with torch.no_grad():
-                        delta.clamp_(-c.norm_constraint, c.norm_constraint)  # project onto the L∞ ball
-                    total += loss.item() * batch.input_ids.shape[0]
-                mean = total / len(requests)
-                bar.set_postfix(loss=f"{mean:.3f}")
-                if mean < c.early_stop_loss:
-                    break
+            res = train_loop([delta], batches, lambda b: target_nll(lm, b).mean(), settings,
+                             weights=sizes,
+                             project=lambda: delta.clamp_(-c.norm_constraint, c.norm_constraint))  # the L∞ ball
+        mean = res.loss
         log.info("ft: layer %d, final mean NLL %.3f", c.layer, mean)
         param = f"{path}.weight"
         return WeightPatch(method=self.name, config=self.config_dict(), base_fingerprint=lm.fingerprint,

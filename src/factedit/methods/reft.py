@@ -14,15 +14,15 @@ from typing import Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import NonNegFloat, PosFloat, PosInt
 from ..lm.arch import Site
-from ..lm.batch import make_batch, target_nll
+from ..lm.batch import request_batches, target_nll
 from ..lm.load import LM
 from ..patch.modules import ModulePatch, Placement, register_intervention
 from ..types import EditRequest
 from .base import Editor
+from .train import TrainSettings, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -103,26 +103,15 @@ class LoReFTEditor(Editor):
         train_patch = ModulePatch(method=self.name, config={}, base_fingerprint=lm.fingerprint, placements=sites,
                                   modules=train_mods)
         params = [p for m in train_mods for p in m.parameters()]
-        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        chunks = [requests[i : i + c.batch_size] for i in range(0, len(requests), c.batch_size)]
-        batches = [make_batch(lm, [r.prompt for r in ch], [r.target_new for r in ch]) for ch in chunks]
-        mean = float("nan")
+        batches, sizes = request_batches(lm, requests, c.batch_size)
+        settings = TrainSettings(steps=c.steps, lr=c.lr, optimizer="adamw", weight_decay=c.weight_decay,
+                                 early_stop_loss=c.early_stop_loss, desc=self.name)
         with train_patch.apply(lm):
             for m in train_mods:
                 m.train()
-            bar = tqdm(range(c.steps), desc=self.name, leave=False, disable=None)
-            for _ in bar:
-                total = 0.0
-                for batch in batches:
-                    opt.zero_grad(set_to_none=True)
-                    loss = target_nll(lm, batch).mean() + self._extra_loss(lm, batch)
-                    loss.backward()
-                    opt.step()
-                    total += loss.item() * batch.input_ids.shape[0]
-                mean = total / len(requests)
-                bar.set_postfix(loss=f"{mean:.3f}")
-                if mean < c.early_stop_loss:
-                    break
+            res = train_loop(params, batches, lambda b: target_nll(lm, b).mean() + self._extra_loss(lm, b), settings,
+                             weights=sizes)
+        mean = res.loss
         log.info("%s: layers %s rank %d, final loss %.3f", self.name, list(c.layers), c.rank, mean)
         modules = [m.export() for m in train_mods]
         return ModulePatch(method=self.name, config=self.config_dict(), base_fingerprint=lm.fingerprint,

@@ -1,0 +1,166 @@
+"""One training loop for every editor that trains tensors: FT-L's ΔW, LoReFT's (and BaFT's) interventions,
+trained editors (hyper-networks, MeG's neuron fits and generator).
+
+``train_loop`` runs passes over a fixed list of batches: zero the gradients, take the loss, backpropagate,
+clip the gradient norm, step, and project the parameters (FT-L's L∞ ball); it stops early once a pass's
+mean loss is below ``early_stop_loss``. It shows a progress bar with the loss (and the gradient norm), logs
+every pass, and, given a checkpoint folder, saves the parameters and the optimiser state (safetensors + JSON,
+written atomically) so that a killed run resumes to the same final tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import FactEditError
+from ..fsutil import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int  # passes over the batches
+    lr: float
+    optimizer: str = "adam"  # adam | adamw | sgd
+    weight_decay: float = 0.0
+    grad_clip: float | None = None  # max global gradient norm (None: no clipping)
+    early_stop_loss: float | None = None  # stop once a pass's mean loss is below this
+    desc: str = "train"
+    checkpoint_every: int = 0  # passes between checkpoints (0: only at the end of an interrupted run's pass)
+
+
+@dataclass
+class TrainResult:
+    steps: int  # passes run in total (including those of an earlier, interrupted run)
+    loss: float  # the mean loss of the last pass
+    history: list[float] = field(default_factory=list)  # mean loss per pass
+    grad_norm: float = float("nan")
+    stopped_early: bool = False
+
+
+def make_optimizer(params: Sequence[torch.Tensor], s: TrainSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "adam":
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay)
+    raise FactEditError(f"unknown optimizer '{s.optimizer}' (adam, adamw or sgd)")
+
+
+# ---- checkpoints: parameters and optimiser state, no pickle --------------------------------------------------
+def _flat_state(params: Sequence[torch.Tensor], opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    tensors = {f"param.{i}": p.detach().contiguous().cpu() for i, p in enumerate(params)}
+    meta: dict[str, Any] = {"groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                            "state": {}}
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{i}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                meta["state"][f"{i}.{k}"] = v
+    return tensors, meta
+
+
+def _load_state(params: Sequence[torch.Tensor], opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"].to(p.device))
+    for g, saved in zip(opt.param_groups, meta["groups"]):
+        g.update(saved)
+    for i, p in enumerate(params):
+        st = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+        st.update({k.split(".", 1)[1]: v for k, v in meta["state"].items() if k.split(".", 1)[0] == str(i)})
+        if st:
+            opt.state[p] = st
+
+
+def save_checkpoint(path: Path, params, opt, done: int, history: list[float], extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors, meta = _flat_state(params, opt)
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"done": done, "history": history, "extra": extra or {},
+                                                     **meta}, default=float))
+
+
+def load_checkpoint(path: Path, params, opt) -> tuple[int, list[float], dict] | None:
+    from safetensors.torch import load_file
+
+    files = (path / "state.json", path / "state.safetensors")
+    if not all(f.exists() for f in files):
+        return None
+    meta = json.loads(files[0].read_text())
+    tensors = load_file(str(files[1]))
+    if sum(k.startswith("param.") for k in tensors) != len(params):
+        raise FactEditError(f"checkpoint {path} holds another set of parameters; remove it to start again")
+    _load_state(params, opt, tensors, meta)
+    return int(meta["done"]), list(meta["history"]), meta.get("extra", {})
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: Callable[[Any], torch.Tensor],
+               s: TrainSettings, *, weights: Sequence[float] | None = None,
+               project: Callable[[], None] | None = None, checkpoint: Path | None = None,
+               progress: bool = True) -> TrainResult:
+    """Minimise ``loss_fn(batch)`` over ``params``, ``s.steps`` passes over ``batches``.
+
+    weights: each batch's share in a pass's mean loss (e.g. its number of rows; default equal);
+    project: called after every optimiser step (under no_grad) to project the parameters."""
+    params = list(params)
+    opt = make_optimizer(params, s)
+    w = list(weights) if weights is not None else [1.0] * len(batches)
+    done, history = 0, []
+    if checkpoint is not None:
+        got = load_checkpoint(checkpoint, params, opt)
+        if got is not None:
+            done, history, _ = got
+            log.info("%s: resuming after pass %d from %s", s.desc, done, checkpoint)
+    result = TrainResult(steps=done, loss=history[-1] if history else float("nan"), history=history)
+    if result.history and s.early_stop_loss is not None and result.loss < s.early_stop_loss:
+        result.stopped_early = True
+        return result
+    bar = tqdm(range(done, s.steps), desc=s.desc, leave=False, disable=None if progress else True)
+    for step in bar:
+        total = 0.0
+        for batch, wb in zip(batches, w):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(batch)
+            loss.backward()
+            if s.grad_clip is not None:
+                result.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
+            opt.step()
+            if project is not None:
+                with torch.no_grad():
+                    project()
+            total += float(loss.detach()) * wb
+        mean = total / sum(w)
+        if not math.isfinite(mean):
+            raise FactEditError(f"{s.desc}: the loss is not finite at pass {step + 1}; lower the learning rate")
+        history.append(mean)
+        result.steps, result.loss = step + 1, mean
+        post = {"loss": f"{mean:.3f}"}
+        if s.grad_clip is not None:
+            post["|g|"] = f"{result.grad_norm:.2g}"
+        bar.set_postfix(post)
+        log.debug("%s: pass %d loss %.4f", s.desc, step + 1, mean)
+        if s.early_stop_loss is not None and mean < s.early_stop_loss:
+            result.stopped_early = True
+            break
+        if checkpoint is not None and s.checkpoint_every and (step + 1) % s.checkpoint_every == 0:
+            save_checkpoint(checkpoint, params, opt, step + 1, history)
+    bar.close()
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, params, opt, result.steps, history)
+    return result
