@@ -90,69 +90,11 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _state_record(state_dir: Path | None) -> dict | None:
-    """The record (state.json) of an editor state folder, or None for a new stream."""
-    import json
-
-    if state_dir is None:
-        return None
-    rec_path = state_dir / "state.json"
-    if not rec_path.is_file():
-        if state_dir.exists() and (not state_dir.is_dir() or any(state_dir.iterdir())):
-            raise FactEditError(f"--state {state_dir}: not an editor state folder (no state.json)")
-        return None
-    try:
-        return json.loads(rec_path.read_text())
-    except ValueError as e:
-        raise FactEditError(f"{rec_path}: not valid JSON ({e})") from None
-
-
-def _check_stream(state_dir: Path | None, rec: dict | None, method: str, chain: list[str], on: list[str]) -> None:
-    """Refuse, before any model work, a state of another method or one that did not commit exactly the ``--on``
-    patches (``chain``: their digests), in order."""
-    if rec is None:
-        if on and state_dir is not None:
-            raise FactEditError(f"--state {state_dir} does not exist, but --on gives {len(on)} earlier round(s): "
-                                "pass the state folder those rounds wrote")
-        return
-    if rec.get("method") != method:
-        raise FactEditError(f"--state {state_dir} holds a stream of {rec.get('method')} edits, not {method}")
-    saved = rec.get("chain")
-    if not isinstance(saved, list):
-        raise FactEditError(f"--state {state_dir} was not written by 'factedit edit' (no round list); "
-                            "start a new state folder")
-    for i in range(max(len(saved), len(chain))):
-        have = chain[i] if i < len(chain) else None
-        want = saved[i] if i < len(saved) else None
-        if have != want:
-            if want is None:
-                why = f"--on {on[i]} is not a round of this stream (it committed {len(saved)})"
-            elif have is None:
-                why = f"round {i + 1} of {len(saved)} is missing from --on"
-            else:
-                why = f"--on {on[i]} is not round {i + 1} of this stream (patch {have}, the state has {want})"
-            raise FactEditError(f"--state {state_dir}: {why}; --on must list the patches this state committed, "
-                                "in order")
-
-
-def _unfinished_round(out: Path, stream: dict | None, rec: dict | None) -> bool:
-    """Whether ``out`` holds this stream's round left uncommitted by an interruption (its patch saved and marked
-    with the stream and round, the state not advanced to it), which re-running the same command may replace."""
-    import json
-
-    if stream is None:
-        return False
-    try:
-        meta = json.loads((out / "manifest.json").read_text()).get("meta", {})
-    except (OSError, ValueError):
-        return False
-    return meta.get("stream") == stream and len((rec or {}).get("chain", [])) < stream["round"]
-
-
 def cmd_edit(args) -> int:
     from .data import load_facts
     from .lm.load import load_lm
     from .patch.io import load_patch, patch_digest
+    from .stream import EditStream
 
     m_over, _ = _split_sets(args.set)
     cls = _editor_class_checked(args.method, m_over)
@@ -160,33 +102,23 @@ def cmd_edit(args) -> int:
     out = Path(args.out)
     on = list(args.on or [])
     state_dir = Path(args.state) if args.state else None
-    stream = {"state": str(state_dir.resolve()), "round": len(on) + 1} if state_dir else None
-    rec = _state_record(state_dir)
-    if out.exists() and any(out.iterdir()) and not args.overwrite and not _unfinished_round(out, stream, rec):
+    stream = EditStream(state_dir, cls(cfgmod.build(cls.Config, m_over))) if state_dir else None
+    tag = {"state": str(state_dir.resolve()), "round": len(on) + 1} if state_dir else None
+    if out.exists() and any(out.iterdir()) and not args.overwrite and not (stream and stream.is_unfinished(out, tag)):
         raise FactEditError(f"output folder '{out}' exists and is not empty (use --overwrite)")
     earlier = [load_patch(p) for p in on]  # each folder read and checked before the model loads
     if any(out.resolve() == Path(p).resolve() for p in on) or (state_dir and out.resolve() == state_dir.resolve()):
         raise FactEditError("--out must be a new folder, not one of the --on patches or the --state folder")
-    chain = [patch_digest(p) for p in on]
-    _check_stream(state_dir, rec, args.method, chain, on)
+    if stream is not None:
+        stream.check_rounds([patch_digest(p) for p in on], [f"--on {p}" for p in on], source="--on")
     lm = load_lm(args.model, device=args.device)
     editor = cls.create(lm, m_over)
-    if rec is None and on and editor.remembers_rounds:
+    if stream is None and on and editor.remembers_rounds:
         raise FactEditError(f"{args.method} remembers earlier rounds (their accumulated keys): editing on top of "
                             "--on patches needs --state DIR, the folder those rounds wrote")
-    if rec is not None:
-        if rec.get("base_fingerprint") != lm.fingerprint:
-            raise FactEditError(f"--state {state_dir} belongs to a model with fingerprint {rec.get('base_fingerprint')}, "
-                                f"not {lm.name} ({lm.fingerprint})")
-        now, old = editor.config_dict(), rec.get("config", {})
-        bad = [k for k in editor.STATE_KEYS if old.get(k) != now.get(k)]
-        if bad:
-            raise FactEditError(f"--state {state_dir} was accumulated with other {', '.join(bad)} "
-                                f"({', '.join(f'{k}={old.get(k)}' for k in bad)}); start a new state folder")
-        changed = sorted(k for k in now if k in old and old[k] != now[k])
-        if changed:
-            log.warning("%s: config differs from the earlier rounds' in %s", args.method, ", ".join(changed))
-        editor.load_state(state_dir)
+    if stream is not None:
+        stream.editor = editor
+        stream.restore(lm)
     with contextlib.ExitStack() as applied:  # the --on patches, reverted in reverse order on the way out
         for path, p in zip(on, earlier):
             if p.method != args.method:
@@ -196,15 +128,12 @@ def cmd_edit(args) -> int:
         patch = editor.compute(lm, requests)
         dt = time.perf_counter() - t0
         patch.meta["edit_s"] = dt
-        if stream is not None:
-            patch.meta["stream"] = stream
+        if tag is not None:
+            patch.meta["stream"] = tag
         patch.save(out)
-        if state_dir is not None:
-            # the patch is saved first: an interruption here leaves the state at the earlier rounds and this
-            # round's patch marked with its stream; re-running the same command recomputes the round
-            editor.commit(patch)
-            editor.save_state(state_dir, chain=chain + [patch_digest(out)], base_fingerprint=lm.fingerprint,
-                              model=lm.name, n_facts=(rec or {}).get("n_facts", 0) + len(requests))
+        if stream is not None:  # the patch is saved first (see factedit.stream)
+            stream.commit(patch, out, lm)
+    chain = stream.chain[:-1] if stream else []
     where = f" on top of {len(on)} earlier round(s)" if on else ""
     print(f"{len(requests)} facts edited with {args.method}{where} in {dt:.1f} s ({patch.n_params():,} patch "
           f"parameters); patch saved to {out}" + (f"; state in {state_dir} (round {len(chain) + 1})" if state_dir else ""))

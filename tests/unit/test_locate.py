@@ -566,3 +566,54 @@ def test_interrupted_sequential_run_resumes_to_the_same_weights(method, corpus, 
     assert ed_a.n_committed == ed_b.n_committed == 4  # the resumed editor restored 2 and committed 2
     state = json.loads((tmp_path / "b" / "editor_state" / "state.json").read_text())
     assert state["round"] == 3 and state["meta"]["n_committed"] == 4
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "nse"])
+def test_a_round_saved_but_not_committed_is_committed_as_saved_on_resume(method, tmp_path, corpus, monkeypatch):
+    """The stream protocol: the round's keys (and NSE's original weights) are saved with its patch, so a run
+    stopped between saving a round and committing it resumes by committing the saved patch, not recomputing."""
+    from factedit.eval.harness import EvalConfig, Runner
+    from factedit.patch.base import Patch
+    from factedit.stream import EditStream
+
+    cases = [EvalCase(request=r, neighborhood_prompts=(r.prompt,)) for r in REQ]
+    kw = strong(corpus, v_steps=6)
+    kw.update({"alphaedit": dict(nullspace_mode="relative", nullspace_threshold=0.05),
+               "nse": dict(alpha=0.0, upper_bound=1e9)}[method])
+    ecfg = EvalConfig(ppl_tokens=0, fluency_cases=0)
+
+    def run(out, lm, ed):
+        return Runner(lm, ed, cases, bench="counterfact", mode="sequential", out=out, edit_batch=1, eval_cfg=ecfg).run()
+
+    lm = tiny_lm("llama")
+    ref = get_editor(method, lm, **kw)
+    run(tmp_path / "a", lm, ref)
+    real = EditStream.commit
+    n = {"commits": 0}
+
+    def stop_at_second(self, *a, **k):
+        n["commits"] += 1
+        if n["commits"] == 2:
+            raise KeyboardInterrupt  # round 1's patch is saved, the state is still at round 0
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(EditStream, "commit", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", tiny_lm("llama"), get_editor(method, lm, **kw))
+    monkeypatch.setattr(EditStream, "commit", real)
+    saved = Patch.load(tmp_path / "b" / "rounds" / "0001")
+    assert any(k.startswith("keys.") for k in saved.commit_data)
+    lm2 = tiny_lm("llama")
+    ed = get_editor(method, lm2, **kw)
+    computed = []
+    real_compute = ed.compute
+    ed.compute = lambda *a: computed.append(1) or real_compute(*a)
+    run(tmp_path / "b", lm2, ed)
+    assert len(computed) == 1  # round 2 only: round 1 was committed from its saved patch
+    for r in range(3):
+        pa, pb = (Patch.load(tmp_path / x / "rounds" / f"{r:04d}") for x in ("a", "b"))
+        for k in pa.deltas:
+            assert torch.allclose(pa.deltas[k].materialise(), pb.deltas[k].materialise(), rtol=1e-5, atol=1e-6), (r, k)
+    assert ed.n_committed == ref.n_committed == 3
+    for l, c in ref.cache_c.items():
+        assert torch.allclose(ed.cache_c[l], c, rtol=1e-6), l

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,8 @@ from ..fsutil import JsonlWriter, read_jsonl, write_json
 from ..lm.load import LM
 from ..methods.base import Editor
 from ..patch.base import Patch
+from ..patch.io import patch_digest
+from ..stream import EditStream
 from ..types import EvalCase
 from .benches import get_benchmark
 from .metrics import HEADLINE, aggregate, case_metrics, score_cases
@@ -207,6 +208,20 @@ class Runner:
         _add_time(self.out, "edit_s", patch.meta["edit_s"])
         return patch
 
+    def _stream(self) -> EditStream:
+        """The sequential stream of this run folder (its editor state), restored into the editor; its committed
+        rounds must be the saved rounds/ patches, in order."""
+        stream = EditStream(self.out / "editor_state", self.editor, what="editor state")
+        rec = stream.record
+        if rec is not None and "chain" not in rec:  # folders written before the stream protocol: rounds 0..round
+            rec["chain"] = [patch_digest(self.out / f"rounds/{r:04d}") for r in range(int(rec.get("round", -1)) + 1)]
+            rec["base_fingerprint"] = self.lm.fingerprint
+        n = stream.restore(self.lm)
+        stream.check_rounds([patch_digest(self.out / f"rounds/{r:04d}") for r in range(n)], source="rounds/")
+        if n:
+            log.info("sequential: editor state restored after %d round(s)", n)
+        return stream
+
     def run(self) -> dict:
         self._open_folder()
         pre = self._pre()
@@ -233,21 +248,17 @@ class Runner:
                     k = len(self.cases) if self.mode == "batch" else self.edit_batch
                     rounds = [list(range(s, min(s + k, len(self.cases)))) for s in range(0, len(self.cases), k)]
                     seq = self.mode == "sequential"
-                    state_dir = self.out / "editor_state"
-                    saved_round = -1
-                    if seq and (state_dir / "state.json").exists():
-                        saved_round = int(self.editor.load_state(state_dir).get("round", -1))
-                        log.info("sequential: editor state restored after round %d", saved_round)
+                    stream = self._stream() if seq else None
                     for r, idx in enumerate(tqdm(rounds, desc=f"{self.mode} edits", disable=None)):
                         path = self.out / ("patch" if not seq else f"rounds/{r:04d}")
-                        if seq and r > saved_round and path.exists():
-                            # saved after the last saved editor state: recompute it from that state
-                            shutil.rmtree(path)
-                        patch = self._compute_saved(path, [r for i in idx for r in self.cases[i].requests])
+                        reqs = [q for i in idx for q in self.cases[i].requests]
+                        if stream is not None and r < stream.n_rounds:  # committed: the saved patch is that round
+                            patch = Patch.load(path)
+                        else:  # new, or saved but not committed (the unfinished round): committed as saved
+                            patch = self._compute_saved(path, reqs)
                         handles.append(patch.apply(self.lm))
-                        if seq and r > saved_round:
-                            self.editor.commit(patch)
-                            self.editor.save_state(state_dir, round=r)
+                        if stream is not None and r >= stream.n_rounds:
+                            stream.commit(patch, path, self.lm, round=r)
                         if after and (left := [i for i in idx if i not in after_done]):
                             self._post_records(left, pre, aw, extra={"round": r})
                     todo = [i for i in range(len(self.cases)) if i not in done]

@@ -186,17 +186,18 @@ class LocateEditor(Editor):
 
     # ---- sequential state ----------------------------------------------------------------------------
     def commit(self, patch) -> None:
-        pending = getattr(patch, "pending_keys", None)
+        """C_p += K Kᵀ per layer from the keys the patch declares (commit_data "keys.<layer>", (u, d0))."""
         if not self.accumulates:
             self.n_committed += len(patch.requests)
             return
-        if pending is None:
-            raise FactEditError(f"{self.name}: commit() needs a patch computed by this editor in this process")
-        for l, K in pending.items():  # K: (u, d0)
+        keys = {int(k.split(".", 1)[1]): v for k, v in patch.commit_data.items() if k.startswith("keys.")}
+        if not keys:
+            raise FactEditError(f"{self.name}: commit() needs a patch computed by this editor (it carries the "
+                                "round's keys)")
+        for l, K in sorted(keys.items()):  # K: (u, d0)
             K = K.double()
             self.cache_c[l] = self.cache_c.get(l, torch.zeros(K.shape[1], K.shape[1], dtype=torch.float64)) + K.T @ K
         self.n_committed += len(patch.requests)
-        patch.pending_keys = None
 
     def state_dict(self):
         tensors = {f"cache_c.{l}": c for l, c in self.cache_c.items()}
@@ -309,7 +310,8 @@ class MEMITEditor(LocateEditor):
         factors: dict = {}
         keys = self._spread(lm, requests, zs, factors)
         patch = self._patch(lm, requests, factors, {"z": infos})
-        patch.pending_keys = keys if self.accumulates else None
+        if self.accumulates:
+            patch.commit_data.update({f"keys.{l}": K.float().contiguous() for l, K in keys.items()})
         return patch
 
 
@@ -389,8 +391,7 @@ class NSEEditor(MEMITEditor):
 
     def _edit(self, lm, requests):
         c = self.config
-        if not self.originals:
-            self._pending_originals = {l: self._weight(lm, l)[1].detach().clone() for l in self.edit_layers()}
+        first = {} if self.originals else {l: self._weight(lm, l)[1].detach().clone() for l in self.edit_layers()}
         with self._phase("stats"):
             self.stats(lm, self.edit_layers())
         with self._phase("z*"):
@@ -411,13 +412,16 @@ class NSEEditor(MEMITEditor):
             passes[-1]["neurons"] = dict(self._last_neurons)  # neurons updated per layer in this pass
         patch = self._patch(lm, requests, factors, {"z": infos, "passes": passes})
         with self._phase("post keys"):
-            patch.pending_keys = self._post_keys(lm, requests)
+            patch.commit_data.update({f"keys.{l}": K.float().contiguous()
+                                      for l, K in self._post_keys(lm, requests).items()})
+        # the first round declares the original weights, which every later round's z* rewinds to
+        patch.commit_data.update({f"original.{l}": w for l, w in first.items()})
         return patch
 
     def commit(self, patch) -> None:
-        if not self.originals and getattr(self, "_pending_originals", None):
-            self.originals = self._pending_originals
-        self._pending_originals = None
+        if not self.originals:
+            self.originals = {int(k.split(".", 1)[1]): v for k, v in patch.commit_data.items()
+                              if k.startswith("original.")}
         super().commit(patch)
 
     def state_dict(self):

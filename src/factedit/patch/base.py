@@ -51,6 +51,10 @@ class Patch(ABC):
     base_fingerprint: str
     requests: list[EditRequest] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # method extras (e.g. context templates, seed)
+    # What committing this patch adds to its editor's sequential state (MEMIT/AlphaEdit: the round's keys; NSE:
+    # the original weights on its first round), declared here and saved with the patch (commit.safetensors), so
+    # that a resumed stream commits a saved round instead of recomputing it. Not part of the patch's digest.
+    commit_data: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     kind: str = field(default="", init=False)
 

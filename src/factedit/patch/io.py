@@ -19,6 +19,7 @@ from .base import Patch
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
+COMMIT = "commit.safetensors"  # the patch's commit data (Patch.commit_data), when it has any
 
 
 def save_patch(patch: Patch, path) -> Path:
@@ -37,6 +38,8 @@ def save_patch(patch: Patch, path) -> Path:
     }
     with atomic_dir(path) as tmp:
         save_file(patch.tensors(), str(tmp / TENSORS), metadata={"format": "factedit-patch"})
+        if patch.commit_data:
+            save_file({k: v.detach().contiguous().cpu() for k, v in patch.commit_data.items()}, str(tmp / COMMIT))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     return path
 
@@ -87,6 +90,12 @@ def load_patch(path) -> Patch:
     if manifest["kind"] not in kinds:
         raise FactEditError(f"{path / MANIFEST}: unknown patch kind '{manifest['kind']}'")
     try:
-        return kinds[manifest["kind"]].from_parts(manifest, tensors, **common)
+        patch = kinds[manifest["kind"]].from_parts(manifest, tensors, **common)
     except KeyError as e:
         raise FactEditError(f"{path}: tensors file lacks {e}") from None
+    if (path / COMMIT).is_file():
+        try:
+            patch.commit_data = load_file(str(path / COMMIT))
+        except Exception as e:  # noqa: BLE001 - as above
+            raise FactEditError(f"{path / COMMIT}: cannot read ({e})") from None
+    return patch
