@@ -34,6 +34,24 @@ def _editor_class_checked(name: str, overrides: dict):
     return cls
 
 
+def _check_editor_dir(cls, editor_dir: str | None) -> None:
+    """--editor DIR: a trained editor folder, for a trained method (checked before the model loads)."""
+    from .methods.trained import MANIFEST, TrainedEditor
+
+    if editor_dir is None:
+        return
+    if not issubclass(cls, TrainedEditor):
+        raise FactEditError(f"--editor: {cls.name} is not a trained editor (it needs no training)")
+    if not (Path(editor_dir) / MANIFEST).is_file():
+        raise FactEditError(f"--editor {editor_dir}: not a trained editor folder (no {MANIFEST})")
+
+
+def _make_editor(cls, lm, overrides: dict, editor_dir: str | None, force: bool = False):
+    if editor_dir is None:
+        return cls.create(lm, overrides)
+    return cls.from_pretrained(editor_dir, lm, overrides, force=force)
+
+
 def _general_text(data_dir: Path | None) -> str | None:
     from .data.io import _open_text
     from .data.paths import BENCH_FILES
@@ -69,6 +87,7 @@ def cmd_eval(args) -> int:
 
     m_over, e_over = _split_sets(args.set)
     cls = _editor_class_checked(args.method, m_over)
+    _check_editor_dir(cls, args.editor)
     ecfg = eval_config(e_over)
     check_mode(ecfg, args.mode)
     if args.limit is not None and args.limit < 1:
@@ -78,7 +97,7 @@ def cmd_eval(args) -> int:
         raise FactEditError(f"--pre-from {args.pre_from}: not a run folder (no run.json)")
     text = _general_text(Path(args.data_dir) if args.data_dir else default_data_dir())
     lm = load_lm(args.model, device=args.device)
-    editor = cls.create(lm, m_over)
+    editor = _make_editor(cls, lm, m_over, args.editor)
     for c in cases:  # subject/token checks before any model work
         editor.validate(lm, [c.request])
     runner = Runner(lm, editor, cases, bench=args.bench, mode=args.mode, out=Path(args.out),
@@ -98,6 +117,7 @@ def cmd_edit(args) -> int:
 
     m_over, _ = _split_sets(args.set)
     cls = _editor_class_checked(args.method, m_over)
+    _check_editor_dir(cls, args.editor)
     requests = load_facts(args.facts)
     out = Path(args.out)
     on = list(args.on or [])
@@ -112,7 +132,7 @@ def cmd_edit(args) -> int:
     if stream is not None:
         stream.check_rounds([patch_digest(p) for p in on], [f"--on {p}" for p in on], source="--on")
     lm = load_lm(args.model, device=args.device)
-    editor = cls.create(lm, m_over)
+    editor = _make_editor(cls, lm, m_over, args.editor, force=args.force)
     if stream is None and on and editor.remembers_rounds:
         raise FactEditError(f"{args.method} remembers earlier rounds (their accumulated keys): editing on top of "
                             "--on patches needs --state DIR, the folder those rounds wrote")
@@ -137,6 +157,52 @@ def cmd_edit(args) -> int:
     where = f" on top of {len(on)} earlier round(s)" if on else ""
     print(f"{len(requests)} facts edited with {args.method}{where} in {dt:.1f} s ({patch.n_params():,} patch "
           f"parameters); patch saved to {out}" + (f"; state in {state_dir} (round {len(chain) + 1})" if state_dir else ""))
+    return 0
+
+
+def cmd_train(args) -> int:
+    import shutil
+
+    from .fsutil import write_json
+    from .lm.load import load_lm
+    from .methods.trained import MANIFEST, TrainedEditor, data_digest
+
+    m_over, _ = _split_sets(args.set)
+    cls = _editor_class_checked(args.method, m_over)
+    if not issubclass(cls, TrainedEditor):
+        raise FactEditError(f"{args.method} is not a trained editor: it needs no 'factedit train'")
+    out = Path(args.out)
+    if (out / MANIFEST).exists():
+        raise FactEditError(f"--out {out} already holds a trained editor; choose another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FactEditError(f"--out {out} exists and is not empty")
+    if args.limit is not None and args.limit < 1:
+        raise FactEditError("--limit must be at least 1")
+    path, cases = _load_cases(args.bench, args.data, args.limit, args.zsre_target)
+    lm = load_lm(args.model, device=args.device)
+    editor = cls.create(lm, m_over)
+    # an interrupted training resumes from OUT.partial, if it was the same training (method, config, data, model)
+    run = {"method": cls.name, "config": editor.config_dict(), "data": str(path), "data_digest": data_digest(cases),
+           "fingerprint": lm.fingerprint}
+    ckpt = out.with_name(out.name + ".partial")
+    rec = ckpt / "run.json"
+    if rec.is_file():
+        import json
+
+        if json.loads(rec.read_text()) != json.loads(json.dumps(run, default=str)):
+            raise FactEditError(f"{ckpt} holds an interrupted training of another run (other method, config, data "
+                                "or model); remove it or choose another --out")
+        log.info("train: resuming from %s", ckpt)
+    else:
+        write_json(rec, run)
+    t0 = time.perf_counter()
+    metrics = editor.fit(lm, cases, checkpoint=ckpt / "state")
+    editor.trained["train_s"] = round(time.perf_counter() - t0, 1)
+    editor.save_pretrained(out)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                      if isinstance(v, (int, float)))
+    print(f"{cls.name} trained on {len(cases)} cases of {path} ({shown}); editor saved to {out}")
     return 0
 
 
@@ -310,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--facts", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--editor", metavar="DIR", help="a trained editor folder (factedit train --out DIR)")
+    sp.add_argument("--force", action="store_true", help="use a trained editor made for another base model")
     sp.add_argument("--on", action="append", metavar="PATCH",
                     help="a saved patch to apply first (repeatable, in order): the earlier rounds of a sequential stream")
     sp.add_argument("--state", metavar="DIR",
@@ -317,6 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "read if DIR exists, written back with this round added; it must have committed "
                          "exactly the --on patches")
     sp.set_defaults(fn=cmd_edit)
+
+    sp = sub.add_parser("train", help="train a trained editor (hyper-network, generator) once for a model")
+    common(sp)
+    sp.add_argument("--data", required=True, help="training file in a benchmark's format")
+    sp.add_argument("--bench", default="counterfact", help="the format of --data (a registered benchmark)")
+    sp.add_argument("--limit", type=int, help="first N records")
+    sp.add_argument("--zsre-target", default="alt", choices=["answer", "alt"])
+    sp.add_argument("--out", required=True, help="folder for the trained editor (resumes from OUT.partial)")
+    sp.set_defaults(fn=cmd_train)
 
     sp = sub.add_parser("apply", help="apply a saved patch; show its effect or save the merged model")
     sp.add_argument("--model", default="smollm2-135m")
@@ -338,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, help="first N records")
     sp.add_argument("--zsre-target", default="answer", choices=["answer", "alt"],
                     help="MEND-format zsRE edit target: gold answer (MEMIT protocol) or alt (EasyEdit)")
+    sp.add_argument("--editor", metavar="DIR", help="a trained editor folder (factedit train --out DIR)")
     sp.add_argument("--pre-only", action="store_true", help="evaluate the unedited model only (no edits)")
     sp.add_argument("--pre-from", default=None, metavar="RUN",
                     help="reuse pre-edit records of the same cases from an earlier run folder (same model, bench, data)")

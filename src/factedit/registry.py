@@ -33,3 +33,8 @@ def get_editor_class(name: str):
         raise FactEditError(f"unknown method '{name}' (known: {', '.join(sorted(_METHODS))})")
     mod, cls = _METHODS[name][0].split(":")
     return getattr(importlib.import_module(mod), cls)
+
+
+def unregister(name: str) -> None:
+    """Remove a registered method (for methods registered at run time, e.g. by tests)."""
+    _METHODS.pop(name, None)

@@ -76,7 +76,7 @@ def test_the_method_registry_refuses_a_duplicate_name():
     register("memit", "factedit.methods.locate:MEMITEditor")  # the same class again: a no-op
     with pytest.raises(FactEditError, match="already registered"):
         register("memit", "factedit.methods.ft:FTEditor")
-    assert len(list_methods()) == 6
+    assert list_methods()["memit"].startswith("MEMIT")
 
 
 def test_layers_are_checked_against_the_model_when_the_editor_is_created():

@@ -91,6 +91,9 @@ class Runner:
             "edit_batch": edit_batch if mode == "sequential" else None,
             "eval": dataclasses.asdict(self.cfg), "general_text": bool(general_text), "pre_only": pre_only,
         }
+        trained = getattr(editor, "trained", None)
+        if trained:  # a trained editor: which one (a resumed run must use the same)
+            self.run_config["trained_editor"] = {k: trained.get(k) for k in ("base_fingerprint", "data_digest")}
 
     # ---- run folder ---------------------------------------------------------------------------------
     def _open_folder(self) -> None:
