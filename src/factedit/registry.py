@@ -19,8 +19,10 @@ _METHODS: dict[str, tuple[str, str]] = {
 
 def register(name: str, target: str, description: str = "") -> None:
     """Register an editor class given as "module:Class" under ``name``; a name taken by another class raises."""
-    if name in _METHODS and _METHODS[name][0] != target:
-        raise FactEditError(f"method name '{name}' is already registered (by {_METHODS[name][0]})")
+    if name in _METHODS:
+        if _METHODS[name][0] != target:
+            raise FactEditError(f"method name '{name}' is already registered (by {_METHODS[name][0]})")
+        return  # the same class again: nothing to do
     _METHODS[name] = (target, description)
 
 
