@@ -17,8 +17,8 @@ import torch
 from factedit import get_editor
 from factedit.fsutil import write_json
 from factedit.lm.load import load_lm
-from factedit.locate import common
 from factedit.methods.base import frozen
+from factedit.methods.locate import keys as lkeys
 from factedit.patch.base import Patch
 from factedit.types import EditRequest
 
@@ -46,10 +46,10 @@ def main():
     with frozen(lm), torch.no_grad():
         zs, infos = ed._z(lm, reqs)
     site = lm.arch.block_path(ed.loss_layer_z(lm))
-    h0 = common.site_values(lm, reqs, site)
+    h0 = lkeys.site_values(lm, reqs, site)
     handles = [Patch.load(p).apply(lm) for p in sorted((run / "rounds").iterdir()) if (p / "manifest.json").exists()]
     try:
-        h1 = common.site_values(lm, reqs, site)
+        h1 = lkeys.site_values(lm, reqs, site)
     finally:
         for h in reversed(handles):
             h.revert()

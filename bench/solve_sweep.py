@@ -33,7 +33,7 @@ from factedit.data import default_bench_file, load_counterfact
 from factedit.data.paths import default_data_dir
 from factedit.lm.load import load_lm
 from factedit.methods.base import frozen
-from factedit.methods.locate import _z_settings
+from factedit.methods.locate.base import z_settings
 
 
 def main():
@@ -71,9 +71,9 @@ def main():
     grid = json.loads(args.grid)
     over = json.loads(args.base)
     base = get_editor(args.method, lm, z_batch=args.z_batch, **over)
-    zset = _z_settings(base.config)
+    zset = z_settings(base.config)
     site = base.loss_layer_z(lm)
-    # the z* store (common.ZStore) keeps each request's z* for these weights and settings: computed
+    # the z* store (zstore.ZStore) keeps each request's z* for these weights and settings: computed
     # once here (or by an earlier `factedit eval` run on the same weights), then read back
     t = time.time()
     with frozen(lm), torch.no_grad():
@@ -86,7 +86,7 @@ def main():
     for vals in itertools.product(*grid.values()):
         ov = dict(zip(grid, vals))
         ed = get_editor(args.method, lm, z_batch=args.z_batch, **{**over, **ov})
-        if _z_settings(ed.config) != zset or ed.loss_layer_z(lm) != site:
+        if z_settings(ed.config) != zset or ed.loss_layer_z(lm) != site:
             raise SystemExit(f"{ov} changes z* (its settings or site); sweep those with bench/sweep.py")
         k = args.rounds_of or args.n
         handles, metas, at_edit = [], [], []

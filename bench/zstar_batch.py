@@ -25,8 +25,9 @@ from zstar_speed import bf16_flags, cpu_name, matmul_peak  # bench/zstar_speed.p
 from factedit.data import default_bench_file, load_counterfact
 from factedit.fsutil import write_json
 from factedit.lm.load import load_lm
-from factedit.locate import common
-from factedit.methods.locate import _z_settings
+from factedit.methods.locate import keys as lkeys
+from factedit.methods.locate import values as zvalues
+from factedit.methods.locate.base import z_settings
 from factedit.registry import get_editor_class
 
 
@@ -39,15 +40,15 @@ def main():
     reqs = [c.request for c in load_counterfact(default_bench_file("counterfact"), limit=hi)][lo:hi]
     ed = get_editor_class("alphaedit").create(lm)
     tpl = ed._templates(lm)
-    s0 = _z_settings(ed.config)
+    s0 = z_settings(ed.config)
     site = lm.arch.block_path(ed.loss_layer_z(lm))  # where AlphaEdit computes z* (block 7 on SmolLM2)
-    common.compute_z(lm, reqs[:2], tpl, site, dataclasses.replace(s0, steps=1), progress=False)  # one-time check
-    h = common.site_values(lm, reqs, site)  # z* = h + δ: the bf16 difference is reported relative to ‖δ‖
+    zvalues.compute_z(lm, reqs[:2], tpl, site, dataclasses.replace(s0, steps=1), progress=False)  # one-time check
+    h = lkeys.site_values(lm, reqs, site)  # z* = h + δ: the bf16 difference is reported relative to ‖δ‖
     res, first = [], None
     for spec in specs:
         b, ac = int(spec.removesuffix("bf16")), ("bf16" if spec.endswith("bf16") else "none")
         t = time.perf_counter()
-        z, info = common.compute_z(lm, reqs, tpl, site, dataclasses.replace(s0, batch=b, autocast=ac), progress=False)
+        z, info = zvalues.compute_z(lm, reqs, tpl, site, dataclasses.replace(s0, batch=b, autocast=ac), progress=False)
         dt = time.perf_counter() - t
         rs = sum(i["steps"] + 1 for i in info)
         res.append({"batch": b, "autocast": ac, "s": round(dt, 1), "request_steps": rs,

@@ -73,8 +73,9 @@ def main() -> None:
 
     from factedit.data import default_bench_file, load_counterfact
     from factedit.lm.load import load_lm
-    from factedit.locate import common
-    from factedit.methods.locate import MEMITEditor, _z_settings
+    from factedit.methods.locate import MEMITEditor
+    from factedit.methods.locate import values as zvalues
+    from factedit.methods.locate.base import z_settings
 
     lm = load_lm("smollm2-135m")
     for p in lm.model.parameters():
@@ -84,7 +85,7 @@ def main() -> None:
     reqs = [case.request for case in load_counterfact(default_bench_file("counterfact"), args.n)]
     templates = ed._templates(lm)
     site = lm.arch.block_path(max(c.layers))
-    base = _z_settings(c)
+    base = z_settings(c)
     import dataclasses
 
     paths = {
@@ -102,10 +103,10 @@ def main() -> None:
     zs = {}
     for name, s in paths.items():
         t = time.perf_counter()
-        z, info = common.compute_z(lm, reqs, templates, site, s, progress=False)
+        z, info = zvalues.compute_z(lm, reqs, templates, site, s, progress=False)
         dt = time.perf_counter() - t
         with FlopCounterMode(display=False) as fc:
-            common.compute_z(lm, reqs, templates, site, s, progress=False)
+            zvalues.compute_z(lm, reqs, templates, site, s, progress=False)
         flops = fc.get_total_flops()
         pk = peak["bf16" if s.autocast == "bf16" else "fp32"]
         zs[name] = z

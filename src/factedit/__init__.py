@@ -1,9 +1,8 @@
 """factedit: massive and sequential knowledge editing for Hugging Face causal LMs."""
 
-__version__ = "0.1.0"
-
-from .errors import FactEditError  # noqa: E402
-from .types import EditRequest, EvalCase  # noqa: E402
+from .errors import FactEditError
+from .types import EditRequest, EvalCase
+from .version import __version__
 
 
 def load_lm(name_or_path: str = "smollm2-135m", **kw):

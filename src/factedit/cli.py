@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
 from . import config as cfgmod
 from .errors import FactEditError
+from .version import __version__
 
 log = logging.getLogger("factedit")
 
@@ -52,16 +52,6 @@ def _make_editor(cls, lm, overrides: dict, editor_dir: str | None, force: bool =
     return cls.from_pretrained(editor_dir, lm, overrides, force=force)
 
 
-def _general_text(data_dir: Path | None) -> str | None:
-    from .data.io import _open_text
-    from .data.paths import BENCH_FILES
-
-    if data_dir is None:
-        return None
-    path = data_dir / BENCH_FILES["wikitext"]
-    return _open_text(path) if path.exists() else None
-
-
 def cmd_methods(args) -> int:
     from .registry import list_methods
 
@@ -80,7 +70,7 @@ def _load_cases(bench: str, data: str | None, limit: int | None, zsre_target: st
 
 
 def cmd_eval(args) -> int:
-    from .data.paths import default_data_dir
+    from .data.paths import default_data_dir, general_text
     from .eval.harness import Runner, check_mode, eval_config
     from .eval.report import table
     from .lm.load import load_lm
@@ -95,7 +85,7 @@ def cmd_eval(args) -> int:
     path, cases = _load_cases(args.bench, args.data, args.limit, args.zsre_target)
     if args.pre_from and not (Path(args.pre_from) / "run.json").is_file():
         raise FactEditError(f"--pre-from {args.pre_from}: not a run folder (no run.json)")
-    text = _general_text(Path(args.data_dir) if args.data_dir else default_data_dir())
+    text = general_text(Path(args.data_dir) if args.data_dir else default_data_dir())
     lm = load_lm(args.model, device=args.device)
     editor = _make_editor(cls, lm, m_over, args.editor)
     for c in cases:  # subject/token checks before any model work
@@ -207,8 +197,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_apply(args) -> int:
-    from .eval.scoring import sample
     from .fsutil import atomic_dir
+    from .lm.generate import sample
     from .lm.load import load_lm
     from .patch.io import load_patch
 
@@ -250,7 +240,7 @@ def cmd_demo(args) -> int:
 
 def cmd_stats(args) -> int:
     from .lm.load import load_lm
-    from .locate.stats import corpus_text, describe, key_stats, null_projector
+    from .stats import corpus_text, describe, key_stats, null_projector
 
     layers = cfgmod.parse_int_list(args.layers)
     if not layers:
@@ -276,9 +266,9 @@ def cmd_stats(args) -> int:
 
 
 def cmd_trace(args) -> int:
+    from .eval.trace import KINDS, Fact, known_facts, trace
     from .fsutil import write_json
     from .lm.load import load_lm
-    from .locate.trace import KINDS, Fact, known_facts, trace
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]

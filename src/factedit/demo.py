@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 from .data.facts import demo_cases
-from .data.paths import default_data_dir
+from .data.paths import default_data_dir, general_text
 
 
 def _answer(lm, prompt: str) -> str:
-    from .eval.scoring import sample
+    from .lm.generate import sample
 
     n = len(lm.tokenizer(prompt)["input_ids"])
     return sample(lm, prompt, n + 6, greedy=True, stop_at_eos=True).strip().split("\n")[0]
@@ -19,7 +19,6 @@ def _answer(lm, prompt: str) -> str:
 
 def run_demo(model: str, method: str, overrides: dict, eval_overrides: dict, out: str | None = None,
              device: str | None = None) -> int:
-    from .cli import _general_text
     from .eval.harness import Runner, eval_config
     from .eval.report import table
     from .lm.load import load_lm
@@ -38,7 +37,7 @@ def run_demo(model: str, method: str, overrides: dict, eval_overrides: dict, out
     before = {p: _answer(lm, p) for p, _ in probes}
     out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="factedit-demo-"))
     summary = Runner(lm, editor, cases, bench="counterfact", mode="batch", out=out_dir, eval_cfg=ecfg,
-                     general_text=_general_text(default_data_dir()), data="factedit/data/examples/demo.jsonl").run()
+                     general_text=general_text(default_data_dir()), data="factedit/data/examples/demo.jsonl").run()
     with Patch.load(out_dir / "patch").apply(lm):
         after = {p: _answer(lm, p) for p, _ in probes}
     print(f"\nEdits ({method}): " + "; ".join(f"{c.request.subject}: {c.request.target_true} -> {c.request.target_new}"

@@ -8,8 +8,9 @@ import torch
 from tiny import FAMILIES, tiny_lm
 
 from factedit import FactEditError
-from factedit.eval.scoring import sample_batch, score_targets
+from factedit.eval.scoring import score_targets
 from factedit.lm.arch import SITE_KINDS, Site, resolve_site
+from factedit.lm.generate import sample_batch
 from factedit.lm.hooks import ForwardContext, StopForward, Trace, TraceDict, current_context, forward_context
 from factedit.methods.reft import LoReFTIntervention
 from factedit.patch.modules import ModulePatch, Placement, register_intervention

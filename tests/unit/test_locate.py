@@ -10,9 +10,12 @@ from tiny import locate_requests, strong, tiny_lm
 
 from factedit import EditRequest, FactEditError, get_editor
 from factedit.eval.harness import EvalConfig, Runner
-from factedit.locate import common
-from factedit.locate.stats import key_stats, null_projector, token_windows
-from factedit.methods.locate import _z_settings
+from factedit.methods.locate import keys as lkeys
+from factedit.methods.locate import postnorm, upper, zstore
+from factedit.methods.locate import templates as ltemplates
+from factedit.methods.locate import values as zvalues
+from factedit.methods.locate.base import z_settings
+from factedit.stats import key_stats, null_projector, token_windows
 from factedit.types import EvalCase
 
 REQ = locate_requests()
@@ -108,7 +111,7 @@ def test_statistics_bad_input(tmp_path, cache):
     # a corrupted cache file (NaN) is reported, naming the file
     from safetensors.torch import save_file
 
-    from factedit.locate.stats import _read_meta
+    from factedit.stats import _read_meta
 
     path = st[1].meta["_path"]
     meta = _read_meta(Path(path))
@@ -135,18 +138,18 @@ def test_null_projector_modes():
 # ---- templates, keys, z* ----------------------------------------------------------------------------------
 def test_templates_cached_with_seed():
     lm = tiny_lm("llama")
-    a = common.context_templates(lm, [4], 3, seed=7)
+    a = ltemplates.context_templates(lm, [4], 3, seed=7)
     assert a[0] == "{}" and len(a) == 4 and all(t.endswith(". {}") for t in a[1:])
-    assert common.context_templates(lm, [4], 3, seed=7) == a
+    assert ltemplates.context_templates(lm, [4], 3, seed=7) == a
 
 
 def test_keys_average_groupwise():
     lm = tiny_lm("llama")
     T = ["{}", "A b . {}", "The c . {}"]
-    k = common.compute_keys(lm, REQ[:1], T, [1], "group")[1][0]
-    each = [common.compute_keys(lm, REQ[:1], [t], [1], "flat")[1][0] for t in T]
+    k = lkeys.compute_keys(lm, REQ[:1], T, [1], "group")[1][0]
+    each = [lkeys.compute_keys(lm, REQ[:1], [t], [1], "flat")[1][0] for t in T]
     assert torch.allclose(k, (each[0] + (each[1] + each[2]) / 2) / 2, atol=1e-5)
-    flat = common.compute_keys(lm, REQ[:1], T, [1], "flat")[1][0]
+    flat = lkeys.compute_keys(lm, REQ[:1], T, [1], "flat")[1][0]
     assert torch.allclose(flat, sum(each) / 3, atol=1e-5)
 
 
@@ -154,17 +157,17 @@ def test_keys_average_groupwise():
 def test_key_walker_equals_plain_keys_while_layers_are_edited(family):
     lm = tiny_lm(family)
     T = ["{}", "The Paris . {}", "A b c . {}"]
-    walker = common.KeyWalker(lm, REQ, T, "group", batch_size=4)  # 9 texts: three batches
+    walker = lkeys.KeyWalker(lm, REQ, T, "group", batch_size=4)  # 9 texts: three batches
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in (0, 1, 3):
             got = walker.keys(layer)
-            want = common.compute_keys(lm, REQ, T, [layer], "group")[layer]
+            want = lkeys.compute_keys(lm, REQ, T, [layer], "group")[layer]
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
             w = lm.model.get_submodule(lm.arch.mlp_out_path(layer)).weight
             w.add_(0.5 * torch.randn_like(w))  # an edit of this layer changes the keys above it
     # llama and gemma3 start mid-stack from the kept block inputs; gpt2 falls back to the plain forward
-    assert common.KeyWalker._ok[lm.model] is (family != "gpt2")
+    assert lkeys.KeyWalker._ok[lm.model] is (family != "gpt2")
     with pytest.raises(FactEditError, match="ascend"):
         walker.keys(1)
 
@@ -174,16 +177,16 @@ def test_batched_z_equals_one_request_at_a_time(family):
     lm = frozen_tiny(family)
     T = ["{}", "The Paris . {}"]
     site = lm.arch.block_path(2)
-    s = common.ZSettings(steps=12, lr=0.5, clamp_norm_factor=4.0, batch=8)
-    z, info = common.compute_z(lm, REQ, T, site, s, progress=False)
-    single = torch.cat([common.compute_z(lm, [r], T, site, s, progress=False)[0] for r in REQ])
+    s = zvalues.ZSettings(steps=12, lr=0.5, clamp_norm_factor=4.0, batch=8)
+    z, info = zvalues.compute_z(lm, REQ, T, site, s, progress=False)
+    single = torch.cat([zvalues.compute_z(lm, [r], T, site, s, progress=False)[0] for r in REQ])
     assert torch.allclose(z, single, rtol=1e-4, atol=1e-4 * float(z.abs().max()))
-    slow = common.compute_z(lm, REQ, T, site, common.ZSettings(steps=12, lr=0.5, clamp_norm_factor=4.0, fast=False),
+    slow = zvalues.compute_z(lm, REQ, T, site, zvalues.ZSettings(steps=12, lr=0.5, clamp_norm_factor=4.0, fast=False),
                             progress=False)[0]
     assert torch.allclose(z, slow, rtol=1e-4, atol=1e-4 * float(z.abs().max()))
     # llama and gemma3 run the δ-dependent columns only (prefix keys/values cached); gpt2 falls back
-    assert common._Upper._ok[lm.model][2] is (family != "gpt2")
-    h0 = common.site_values(lm, REQ, site)
+    assert upper.UpperStack._ok[lm.model][2] is (family != "gpt2")
+    h0 = lkeys.site_values(lm, REQ, site)
     assert all(i["loss"] >= 0 for i in info)
     # the clamp holds: ‖z − h‖ ≤ 4‖h‖
     assert bool(((z - h0).norm(dim=1) <= 4.0 * h0.norm(dim=1) * (1 + 1e-4)).all())
@@ -194,74 +197,74 @@ def test_z_store_reuses_only_for_the_same_weights_and_settings(tmp_path, monkeyp
     lm = frozen_tiny("llama")
     T = ["{}", "The Paris . {}"]
     site = lm.arch.block_path(2)
-    s = common.ZSettings(steps=6, lr=0.5, clamp_norm_factor=4.0, batch=2)
-    real = common._compute_z_batch
+    s = zvalues.ZSettings(steps=6, lr=0.5, clamp_norm_factor=4.0, batch=2)
+    real = zvalues.compute_z_batch
     calls = []
 
     def counting(lm_, reqs, *a):
         calls.append([r.case_id for r in reqs])
         return real(lm_, reqs, *a)
 
-    monkeypatch.setattr(common, "_compute_z_batch", counting)
-    z1, i1 = common.compute_z(lm, REQ[:2], T, site, s, progress=False, cache=True)
+    monkeypatch.setattr(zvalues, "compute_z_batch", counting)
+    z1, i1 = zvalues.compute_z(lm, REQ[:2], T, site, s, progress=False, cache=True)
     assert calls == [[1, 2]]
     # request 3 is new; 1 and 2 are read back (another batch size does not change z*), in request order
-    z2, i2 = common.compute_z(lm, [REQ[2], REQ[0], REQ[1]], T, site, common.ZSettings(**{**vars(s), "batch": 5}),
+    z2, i2 = zvalues.compute_z(lm, [REQ[2], REQ[0], REQ[1]], T, site, zvalues.ZSettings(**{**vars(s), "batch": 5}),
                               progress=False, cache=True)
     assert calls == [[1, 2], [3]]
     assert torch.equal(z2[1:], z1)
     assert [i["case"] for i in i2] == [r.label for r in (REQ[2], REQ[0], REQ[1])]
     assert [i.get("stored", False) for i in i2] == [False, True, True]
     assert [i["loss"] for i in i2[1:]] == [i["loss"] for i in i1]
-    fresh = common.compute_z(lm, [REQ[2]], T, site, s, progress=False)[0]
+    fresh = zvalues.compute_z(lm, [REQ[2]], T, site, s, progress=False)[0]
     assert torch.allclose(z2[0], fresh[0], rtol=1e-5, atol=1e-6)
     # other settings, other templates or other weights: computed again
-    common.compute_z(lm, REQ[:1], T, site, common.ZSettings(**{**vars(s), "kl_factor": 1.0}), progress=False, cache=True)
-    common.compute_z(lm, REQ[:1], ["{}"], site, s, progress=False, cache=True)
+    zvalues.compute_z(lm, REQ[:1], T, site, zvalues.ZSettings(**{**vars(s), "kl_factor": 1.0}), progress=False, cache=True)
+    zvalues.compute_z(lm, REQ[:1], ["{}"], site, s, progress=False, cache=True)
     w = lm.model.get_submodule(lm.arch.mlp_out_path(1)).weight
     w00 = w[0, 0].clone()
     with torch.no_grad():
         w[0, 0] += 1e-3
-    common.compute_z(lm, REQ[:1], T, site, s, progress=False, cache=True)
+    zvalues.compute_z(lm, REQ[:1], T, site, s, progress=False, cache=True)
     assert calls[3:] == [[1], [1], [1]]  # (calls[2]: the store-less reference above)
     with torch.no_grad():
         w[0, 0] = w00  # the same bytes again (w + 1e-3 - 1e-3 need not be w): the stored z* is found
-    common.compute_z(lm, REQ[:1], T, site, s, progress=False, cache=True)
+    zvalues.compute_z(lm, REQ[:1], T, site, s, progress=False, cache=True)
     assert len(calls) == 6
     # a damaged entry is recomputed (with a warning) and replaced
-    entry = common.ZStore(lm, T, site, s).path(REQ[0])
+    entry = zstore.ZStore(lm, T, site, s).path(REQ[0])
     entry.write_bytes(b"not safetensors")
     with caplog.at_level("WARNING"):
-        z3 = common.compute_z(lm, REQ[:1], T, site, s, progress=False, cache=True)[0]
+        z3 = zvalues.compute_z(lm, REQ[:1], T, site, s, progress=False, cache=True)[0]
     assert len(calls) == 7 and "unreadable" in caplog.text
     assert torch.allclose(z3[0], z1[0], rtol=1e-5, atol=1e-6)
-    assert common.ZStore(lm, T, site, s).get(REQ[0]) is not None
+    assert zstore.ZStore(lm, T, site, s).get(REQ[0]) is not None
     assert not list(entry.parent.glob(".*"))  # no temporary files left behind
 
 
 def test_rows_are_grouped_by_length():
     sizes = [3, 9, 4, 15, 14, 6, 1, 8]
-    groups = common._group_by_length(sizes, overhead=4)
+    groups = upper.group_by_length(sizes, overhead=4)
     assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
     assert len(groups) > 1
     flat = [sizes[i] for g in groups for i in g]
     assert flat == sorted(sizes)  # contiguous runs of the sorted lengths
-    assert common._group_by_length(sizes, overhead=10_000) == [sorted(range(8), key=lambda i: sizes[i])]
+    assert upper.group_by_length(sizes, overhead=10_000) == [sorted(range(8), key=lambda i: sizes[i])]
 
 
 def test_requests_leaving_the_batch_at_different_steps_keep_their_results():
     lm = frozen_tiny("llama")
     T = ["{}", "The Paris . {}"]
     site = lm.arch.block_path(2)
-    probe = common.compute_z(lm, REQ, T, site, common.ZSettings(steps=6, lr=0.5), progress=False)[1]
+    probe = zvalues.compute_z(lm, REQ, T, site, zvalues.ZSettings(steps=6, lr=0.5), progress=False)[1]
     # a stop threshold between the requests' losses, half-way between two of them so that batch-shape float
     # error cannot put a loss on the other side: some stop early, others run on
     losses = sorted(i["loss"] for i in probe)
     stop = (losses[len(losses) // 2 - 1] + losses[len(losses) // 2]) / 2
-    s = common.ZSettings(steps=12, lr=0.5, clamp_norm_factor=4.0, batch=8, early_stop_loss=stop)
-    z, info = common.compute_z(lm, REQ, T, site, s, progress=False)
+    s = zvalues.ZSettings(steps=12, lr=0.5, clamp_norm_factor=4.0, batch=8, early_stop_loss=stop)
+    z, info = zvalues.compute_z(lm, REQ, T, site, s, progress=False)
     assert len({i["steps"] for i in info}) > 1
-    single = [common.compute_z(lm, [r], T, site, s, progress=False) for r in REQ]
+    single = [zvalues.compute_z(lm, [r], T, site, s, progress=False) for r in REQ]
     assert [i["steps"] for i in info] == [x[1][0]["steps"] for x in single]
     zs = torch.cat([x[0] for x in single])
     assert torch.allclose(z, zs, rtol=1e-4, atol=1e-4 * float(z.abs().max()))
@@ -274,8 +277,8 @@ def test_bf16_z_runs_the_mlps_and_head_in_bf16_and_the_rest_in_fp32(family):
     lm = frozen_tiny(family)
     T = ["{}", "The Paris . {}"]
     site = lm.arch.block_path(1)
-    s = common.ZSettings(steps=8, lr=0.5, clamp_norm_factor=4.0, batch=8)
-    z32 = common.compute_z(lm, REQ, T, site, s, progress=False)[0]
+    s = zvalues.ZSettings(steps=8, lr=0.5, clamp_norm_factor=4.0, batch=8)
+    z32 = zvalues.compute_z(lm, REQ, T, site, s, progress=False)[0]
     blk = lm.model.get_submodule(lm.arch.block_path(2))
     mlp = blk.get_submodule(lm.arch.mlp_out.rpartition(".")[0])
     attn_out = blk.get_submodule(lm.arch.attn_out)
@@ -287,11 +290,11 @@ def test_bf16_z_runs_the_mlps_and_head_in_bf16_and_the_rest_in_fp32(family):
     spy = [mlp.register_forward_hook(record("mlp")), attn_out.register_forward_hook(record("attn")),
            lm.model.get_output_embeddings().register_forward_hook(record("head"))]
     n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
-    zb = common.compute_z(lm, REQ, T, site, common.ZSettings(**{**vars(s), "autocast": "bf16"}), progress=False)[0]
+    zb = zvalues.compute_z(lm, REQ, T, site, zvalues.ZSettings(**{**vars(s), "autocast": "bf16"}), progress=False)[0]
     for h in spy:
         h.remove()
     assert seen["mlp"] == {torch.bfloat16} and seen["head"] == {torch.bfloat16} and seen["attn"] == {torch.float32}
-    h0 = common.site_values(lm, REQ, site)
+    h0 = lkeys.site_values(lm, REQ, site)
     rel = (zb - z32).norm(dim=1) / (z32 - h0).norm(dim=1)
     assert zb.dtype == torch.float32 and 0 < float(rel.max()) < 0.1
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules()) == n_hooks - len(spy)
@@ -302,7 +305,7 @@ def test_bf16_z_runs_the_mlps_and_head_in_bf16_and_the_rest_in_fp32(family):
     bad = mlp.down_proj if hasattr(mlp, "down_proj") else mlp.c_proj
     h = bad.register_forward_hook(boom)  # raises inside an MLP, after its autocast was entered
     with pytest.raises(RuntimeError, match="boom"):
-        common.compute_z(lm, REQ, T, site, common.ZSettings(**{**vars(s), "autocast": "bf16"}), progress=False)
+        zvalues.compute_z(lm, REQ, T, site, zvalues.ZSettings(**{**vars(s), "autocast": "bf16"}), progress=False)
     h.remove()
     assert not torch.is_autocast_enabled("cpu")
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules()) == n_hooks - len(spy)
@@ -311,17 +314,17 @@ def test_bf16_z_runs_the_mlps_and_head_in_bf16_and_the_rest_in_fp32(family):
 def test_z_lowers_the_target_loss_and_kl_direction_is_a_choice():
     lm = frozen_tiny("llama")
     site = lm.arch.block_path(2)
-    s0 = common.ZSettings(steps=1)
-    s = common.ZSettings(steps=30, lr=1.0, clamp_norm_factor=10.0)
-    before = common.compute_z(lm, REQ, ["{}"], site, s0, progress=False)[1]
-    after = common.compute_z(lm, REQ, ["{}"], site, s, progress=False)[1]
+    s0 = zvalues.ZSettings(steps=1)
+    s = zvalues.ZSettings(steps=30, lr=1.0, clamp_norm_factor=10.0)
+    before = zvalues.compute_z(lm, REQ, ["{}"], site, s0, progress=False)[1]
+    after = zvalues.compute_z(lm, REQ, ["{}"], site, s, progress=False)[1]
     assert all(a["loss"] < b["loss"] - 0.5 for a, b in zip(after, before))
-    z1 = common.compute_z(lm, REQ, ["{}"], site, common.ZSettings(steps=8, kl_factor=5.0), progress=False)[0]
-    z2 = common.compute_z(lm, REQ, ["{}"], site, common.ZSettings(steps=8, kl_factor=5.0, kl_direction="initial_current"),
+    z1 = zvalues.compute_z(lm, REQ, ["{}"], site, zvalues.ZSettings(steps=8, kl_factor=5.0), progress=False)[0]
+    z2 = zvalues.compute_z(lm, REQ, ["{}"], site, zvalues.ZSettings(steps=8, kl_factor=5.0, kl_direction="initial_current"),
                           progress=False)[0]
     assert not torch.allclose(z1, z2)
     with pytest.raises(FactEditError, match="kl_direction"):
-        common.compute_z(lm, REQ, ["{}"], site, common.ZSettings(kl_direction="sideways"), progress=False)
+        zvalues.compute_z(lm, REQ, ["{}"], site, zvalues.ZSettings(kl_direction="sideways"), progress=False)
 
 
 # ---- closed forms -----------------------------------------------------------------------------------------
@@ -329,11 +332,11 @@ def test_rome_hits_its_value_exactly(corpus):
     lm = tiny_lm("llama")
     ed = get_editor("rome", lm, **strong(corpus, layers=(1,)))
     patch = ed.compute(lm, REQ[:1])
-    v_star = common.compute_z(lm, REQ[:1], ed.templates, lm.arch.mlp_out_path(1),
-                              _z_settings(ed.config),
+    v_star = zvalues.compute_z(lm, REQ[:1], ed.templates, lm.arch.mlp_out_path(1),
+                              z_settings(ed.config),
                               progress=False)[0]
     with patch.apply(lm):
-        got = common.site_values(lm, REQ[:1], lm.arch.mlp_out_path(1))
+        got = lkeys.site_values(lm, REQ[:1], lm.arch.mlp_out_path(1))
     assert torch.allclose(got, v_star, rtol=1e-4, atol=1e-3)
     d = next(iter(patch.deltas.values()))
     assert d.u.shape[1] == 1  # rank one
@@ -344,10 +347,10 @@ def test_memit_one_layer_small_lambda_reaches_z(corpus):
     ed = get_editor("memit", lm, **strong(corpus, layers=(2,), mom2_update_weight=1e-6))
     patch = ed.compute(lm, REQ)
     site = lm.arch.block_path(2)
-    z = common.compute_z(lm, REQ, ed.templates, site, _z_settings(ed.config), progress=False)[0]
-    h0 = common.site_values(lm, REQ, site)
+    z = zvalues.compute_z(lm, REQ, ed.templates, site, z_settings(ed.config), progress=False)[0]
+    h0 = lkeys.site_values(lm, REQ, site)
     with patch.apply(lm):
-        h1 = common.site_values(lm, REQ, site)
+        h1 = lkeys.site_values(lm, REQ, site)
     # the keys at the bare prompt differ from the template-averaged keys, so only most of the way
     assert float((h1 - z).norm()) < 0.35 * float((h0 - z).norm())
     # the phases of compute are timed and saved with the patch
@@ -370,7 +373,7 @@ def test_through_post_norm_reaches_any_reachable_normed_output(gain):
     m2 = m + 0.7 * torch.randn(4, d)
     m2[:, 5] = m[:, 5]  # the zero-gain coordinate stays: then n(m2) is reachable from m
     R = (norm(m2) - norm(m)).detach()  # a change the norm can produce
-    dm = common.through_post_norm(norm, m, R)
+    dm = postnorm.through_post_norm(norm, m, R)
     assert torch.allclose(norm(m + dm.float()), norm(m2), atol=1e-4)
     assert torch.all(dm[:, 5] == 0)  # the zero-gain coordinate is left as it is
     # an unreachable change: the closest output the norm can give (no nearby or far out-projection output
@@ -378,7 +381,7 @@ def test_through_post_norm_reaches_any_reachable_normed_output(gain):
     with torch.no_grad():
         norm.weight[5] = 2.0
     R = torch.randn(4, d) * 5
-    ms = m + common.through_post_norm(norm, m, R).float()
+    ms = m + postnorm.through_post_norm(norm, m, R).float()
     want = norm(m) + R
     best = (norm(ms) - want).norm(dim=-1)
     with torch.no_grad():
@@ -386,7 +389,7 @@ def test_through_post_norm_reaches_any_reachable_normed_output(gain):
             x = ms[:, None] + scale * ms.abs().mean() * torch.randn(4, 300, d)
             assert torch.all((norm(x) - want[:, None]).norm(dim=-1) >= best[:, None] - 1e-4)
     with pytest.raises(FactEditError, match="not an RMS norm"):
-        common.through_post_norm(torch.nn.LayerNorm(d), m, R)  # mean-centred: not of the form g ⊙ x / rms(x)
+        postnorm.through_post_norm(torch.nn.LayerNorm(d), m, R)  # mean-centred: not of the form g ⊙ x / rms(x)
 
 
 def test_memit_maps_the_residual_through_gemmas_post_mlp_norm(corpus, monkeypatch):
@@ -404,9 +407,9 @@ def test_memit_maps_the_residual_through_gemmas_post_mlp_norm(corpus, monkeypatc
         patch = ed.compute(lm, REQ)
         with torch.no_grad():
             z = ed._z(lm, REQ)[0]
-        h0 = common.site_values(lm, REQ, site)
+        h0 = lkeys.site_values(lm, REQ, site)
         with patch.apply(lm):
-            h1 = common.site_values(lm, REQ, site)
+            h1 = lkeys.site_values(lm, REQ, site)
         return float((h1 - z).norm() / (h0 - z).norm())
 
     mapped = dist(lm.arch)
@@ -421,7 +424,7 @@ def test_post_norm_z_is_reachable_and_is_the_block_output_of_the_mlp_value(corpu
     with torch.no_grad():
         z, infos = ed._z(lm, REQ)
     mlp, blk = lm.arch.mlp_out_path(2), lm.arch.block_path(2)
-    v = common.compute_z(lm, REQ, ed.templates, mlp, _z_settings(ed.config), progress=False)[0]
+    v = zvalues.compute_z(lm, REQ, ed.templates, mlp, z_settings(ed.config), progress=False)[0]
     # setting the out-projection's output at the subject to v* gives exactly z* at the block output
     pos = {}
 
@@ -512,11 +515,11 @@ def test_compute_alone_does_not_advance_state(corpus):
     assert ed.cache_c == {} and ed.n_committed == 0
     ed.commit(p1)
     # layer-2 keys depend on the layer-1 edit: C_p holds the keys of the *edited* model
-    K = common.compute_keys(lm, REQ[:2], ed.templates, [2], "group")[2].double()
+    K = lkeys.compute_keys(lm, REQ[:2], ed.templates, [2], "group")[2].double()
     assert ed.n_committed == 2 and set(ed.cache_c) == {1, 2}
     assert not torch.allclose(ed.cache_c[2], K.T @ K)
     with p1.apply(lm):
-        K1 = common.compute_keys(lm, REQ[:2], ed.templates, [2], "group")[2].double()
+        K1 = lkeys.compute_keys(lm, REQ[:2], ed.templates, [2], "group")[2].double()
     assert torch.allclose(ed.cache_c[2], K1.T @ K1, rtol=1e-4, atol=1e-4)
 
 

@@ -59,7 +59,7 @@ def test_jsonl_survives_a_torn_last_line(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
 def test_batched_sampling_matches_one_prompt_at_a_time(family):
-    from factedit.eval.scoring import sample, sample_batch
+    from factedit.lm.generate import sample, sample_batch
 
     lm = tiny_lm(family)
     prompts = ["The Eiffel Tower is in", "Paris", "Big Ben is located in the city of"]

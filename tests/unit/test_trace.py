@@ -5,7 +5,7 @@ import torch
 from tiny import tiny_lm
 
 from factedit import FactEditError, cli
-from factedit.locate.trace import Fact, embedding_std, trace, trace_fact
+from factedit.eval.trace import Fact, embedding_std, trace, trace_fact
 
 FACTS = [Fact("The Eiffel Tower is in", "Eiffel Tower"), Fact("Big Ben is located in", "Big Ben", "London")]
 
@@ -31,8 +31,8 @@ def test_batched_restoration_equals_a_single_restored_run():
     noise = 2.0
     r = trace_fact(lm, f, noise, kinds=["hidden"], samples=2, seed=3, max_rows=4)  # several chunks
     # one restoration by hand: block 1's output at the subject's last token
+    from factedit.eval.trace import _subject_span
     from factedit.lm.tokens import encode
-    from factedit.locate.trace import _subject_span
 
     ids = torch.tensor([encode(lm.tokenizer, f.prompt)])
     s0, s1 = _subject_span(lm, f.prompt, f.subject)
@@ -103,8 +103,8 @@ def test_trace_command(tmp_path, capsys):
 
 
 def test_known_facts_keeps_exactly_the_facts_whose_greedy_token_is_the_answer():
+    from factedit.eval.trace import known_facts
     from factedit.lm.tokens import encode, encode_target
-    from factedit.locate.trace import known_facts
 
     lm = tiny_lm("llama")
     tok = lm.tokenizer

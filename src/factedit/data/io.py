@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import FactEditError
 
 
-def _open_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     if not path.is_file():
         raise FactEditError(f"data file '{path}' does not exist")
     try:
@@ -26,7 +26,7 @@ def _open_text(path: Path) -> str:
 def read_records(path) -> list[tuple[str, dict]]:
     """[(where, record)] from a JSON list, JSON Lines or CSV file (optionally .gz)."""
     path = Path(path)
-    text = _open_text(path)
+    text = read_text(path)
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     if name.endswith(".jsonl"):
         out = []

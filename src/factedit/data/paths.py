@@ -33,3 +33,13 @@ def default_bench_file(bench: str) -> Path:
     from ..eval.benches import get_benchmark
 
     return root / get_benchmark(bench).default_file
+
+
+def general_text(data_dir: Path | None) -> str | None:
+    """The general-ability text (WikiText-2 test) in ``data_dir``, or None where there is none."""
+    from .io import read_text
+
+    if data_dir is None:
+        return None
+    path = data_dir / BENCH_FILES["wikitext"]
+    return read_text(path) if path.exists() else None

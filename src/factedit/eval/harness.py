@@ -26,6 +26,7 @@ from .. import config as cfgmod
 from ..config import NonNegInt, PosInt
 from ..errors import FactEditError
 from ..fsutil import JsonlWriter, read_jsonl, write_json
+from ..lm.generate import sample_batch
 from ..lm.load import LM
 from ..methods.base import Editor
 from ..patch.base import Patch
@@ -34,7 +35,7 @@ from ..stream import EditStream
 from ..types import EvalCase
 from .benches import get_benchmark
 from .metrics import HEADLINE, aggregate, case_metrics, score_cases
-from .scoring import ngram_entropy, perplexity, sample_batch
+from .scoring import ngram_entropy, perplexity
 
 log = logging.getLogger(__name__)
 MODES = ("single", "batch", "sequential")

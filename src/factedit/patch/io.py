@@ -10,10 +10,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
 from ..errors import FactEditError
 from ..fsutil import atomic_dir
 from ..types import EditRequest
+from ..version import __version__
 from .base import Patch
 
 FORMAT_VERSION = 1

@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..errors import FactEditError
-from ..fsutil import atomic_file
-from ..lm.hooks import TraceDict
-from ..lm.load import LM, cache_root
+from .errors import FactEditError
+from .fsutil import atomic_file
+from .lm.hooks import TraceDict
+from .lm.load import LM, cache_root
 
 log = logging.getLogger(__name__)
 STATS_VERSION = 1
@@ -54,8 +54,8 @@ class KeyStats:
 # ---- corpus -----------------------------------------------------------------------------------------
 def corpus_text(corpus: str | os.PathLike | Iterable[str] | None) -> tuple[str, str]:
     """(text, description). ``None``: WikiText-2 validation text from the shared data folder."""
-    from ..data.io import _open_text
-    from ..data.paths import default_data_dir
+    from .data.io import read_text
+    from .data.paths import default_data_dir
 
     if corpus is None:
         root = default_data_dir()
@@ -69,7 +69,7 @@ def corpus_text(corpus: str | os.PathLike | Iterable[str] | None) -> tuple[str, 
         if not path.exists():
             raise FactEditError(f"corpus file '{path}' does not exist")
         try:
-            text = _open_text(path)
+            text = read_text(path)
         except (OSError, UnicodeDecodeError) as e:
             raise FactEditError(f"corpus file '{path}' could not be read: {e}") from None
         desc = str(path)
