@@ -19,7 +19,7 @@ from factedit.fsutil import write_json
 from factedit.lm.load import load_lm
 from factedit.methods.base import frozen
 from factedit.methods.locate import keys as lkeys
-from factedit.patch.base import Patch
+from factedit.patch.io import load_patch
 from factedit.types import EditRequest
 
 
@@ -47,7 +47,7 @@ def main():
         zs, infos = ed._z(lm, reqs)
     site = lm.arch.block_path(ed.loss_layer_z(lm))
     h0 = lkeys.site_values(lm, reqs, site)
-    handles = [Patch.load(p).apply(lm) for p in sorted((run / "rounds").iterdir()) if (p / "manifest.json").exists()]
+    handles = [load_patch(p).apply(lm) for p in sorted((run / "rounds").iterdir()) if (p / "manifest.json").exists()]
     try:
         h1 = lkeys.site_values(lm, reqs, site)
     finally:

@@ -19,7 +19,7 @@ from factedit.data.paths import default_data_dir
 from factedit.eval.scoring import perplexity
 from factedit.lm.load import load_lm
 from factedit.lm.tokens import subject_last_index
-from factedit.patch.base import Patch
+from factedit.patch.io import load_patch
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
         raise SystemExit(f"{args.run}: no saved rounds")
     lm = load_lm()
     text = _general_text(default_data_dir())
-    patches = [Patch.load(p) for p in rounds]
+    patches = [load_patch(p) for p in rounds]
 
     def ppl():
         return round(perplexity(lm, text, args.tokens), 3)

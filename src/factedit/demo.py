@@ -22,7 +22,7 @@ def run_demo(model: str, method: str, overrides: dict, eval_overrides: dict, out
     from .eval.harness import Runner, eval_config
     from .eval.report import table
     from .lm.load import load_lm
-    from .patch.base import Patch
+    from .patch.io import load_patch
     from .registry import get_editor_class
 
     cases = demo_cases()
@@ -38,7 +38,7 @@ def run_demo(model: str, method: str, overrides: dict, eval_overrides: dict, out
     out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="factedit-demo-"))
     summary = Runner(lm, editor, cases, bench="counterfact", mode="batch", out=out_dir, eval_cfg=ecfg,
                      general_text=general_text(default_data_dir()), data="factedit/data/examples/demo.jsonl").run()
-    with Patch.load(out_dir / "patch").apply(lm):
+    with load_patch(out_dir / "patch").apply(lm):
         after = {p: _answer(lm, p) for p, _ in probes}
     print(f"\nEdits ({method}): " + "; ".join(f"{c.request.subject}: {c.request.target_true} -> {c.request.target_new}"
                                             for c in cases))

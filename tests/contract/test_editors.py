@@ -13,7 +13,7 @@ from tiny import CORPUS, FAMILIES, tiny_lm
 from factedit import EditRequest, FactEditError, get_editor
 from factedit.errors import FingerprintMismatch
 from factedit.eval.scoring import score_targets
-from factedit.patch.base import Patch
+from factedit.patch.io import load_patch
 
 # Strong settings: the tiny random models need large steps to learn anything in a few iterations.
 _TMP = Path(tempfile.mkdtemp(prefix="factedit-contract-"))
@@ -119,7 +119,7 @@ def test_edit_makes_new_target_win(computed, method, family):
 def test_save_load_apply_gives_same_outputs(computed, method, family, tmp_path):
     lm, _, _, patch = computed[(method, family)]
     patch.save(tmp_path / "p")
-    loaded = Patch.load(tmp_path / "p")
+    loaded = load_patch(tmp_path / "p")
     assert loaded.method == method and loaded.requests == REQUESTS
     ids = torch.tensor([lm.tokenizer(REQUESTS[1].prompt)["input_ids"]])
     with patch.apply(lm):

@@ -232,13 +232,13 @@ def test_z_store_reuses_only_for_the_same_weights_and_settings(tmp_path, monkeyp
     zvalues.compute_z(lm, REQ[:1], T, site, s, progress=False, cache=True)
     assert len(calls) == 6
     # a damaged entry is recomputed (with a warning) and replaced
-    entry = zstore.ZStore(lm, T, site, s).path(REQ[0])
+    entry = zstore.ZStore(lm, T, site, vars(s)).path(REQ[0])
     entry.write_bytes(b"not safetensors")
     with caplog.at_level("WARNING"):
         z3 = zvalues.compute_z(lm, REQ[:1], T, site, s, progress=False, cache=True)[0]
     assert len(calls) == 7 and "unreadable" in caplog.text
     assert torch.allclose(z3[0], z1[0], rtol=1e-5, atol=1e-6)
-    assert zstore.ZStore(lm, T, site, s).get(REQ[0]) is not None
+    assert zstore.ZStore(lm, T, site, vars(s)).get(REQ[0]) is not None
     assert not list(entry.parent.glob(".*"))  # no temporary files left behind
 
 
@@ -553,11 +553,11 @@ def test_interrupted_sequential_run_resumes_to_the_same_weights(method, corpus, 
             lm = tiny_lm("llama")
             ed = get_editor(method, lm, **kw, **extra)  # a new process: fresh model and editor
         Runner(lm, ed, cases, bench="counterfact", mode="sequential", out=out, edit_batch=1, eval_cfg=ecfg).run()
-        from factedit.patch.base import Patch
+        from factedit.patch.io import load_patch
 
         total = {}
         for r in range(4):
-            for k, d in Patch.load(out / f"rounds/{r:04d}").deltas.items():
+            for k, d in load_patch(out / f"rounds/{r:04d}").deltas.items():
                 total[k] = total.get(k, 0) + d.materialise()
         return total, ed
 
@@ -576,7 +576,7 @@ def test_a_round_saved_but_not_committed_is_committed_as_saved_on_resume(method,
     """The stream protocol: the round's keys (and NSE's original weights) are saved with its patch, so a run
     stopped between saving a round and committing it resumes by committing the saved patch, not recomputing."""
     from factedit.eval.harness import EvalConfig, Runner
-    from factedit.patch.base import Patch
+    from factedit.patch.io import load_patch
     from factedit.stream import EditStream
 
     cases = [EvalCase(request=r, neighborhood_prompts=(r.prompt,)) for r in REQ]
@@ -604,7 +604,7 @@ def test_a_round_saved_but_not_committed_is_committed_as_saved_on_resume(method,
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", tiny_lm("llama"), get_editor(method, lm, **kw))
     monkeypatch.setattr(EditStream, "commit", real)
-    saved = Patch.load(tmp_path / "b" / "rounds" / "0001")
+    saved = load_patch(tmp_path / "b" / "rounds" / "0001")
     assert any(k.startswith("keys.") for k in saved.commit_data)
     lm2 = tiny_lm("llama")
     ed = get_editor(method, lm2, **kw)
@@ -614,7 +614,7 @@ def test_a_round_saved_but_not_committed_is_committed_as_saved_on_resume(method,
     run(tmp_path / "b", lm2, ed)
     assert len(computed) == 1  # round 2 only: round 1 was committed from its saved patch
     for r in range(3):
-        pa, pb = (Patch.load(tmp_path / x / "rounds" / f"{r:04d}") for x in ("a", "b"))
+        pa, pb = (load_patch(tmp_path / x / "rounds" / f"{r:04d}") for x in ("a", "b"))
         for k in pa.deltas:
             assert torch.allclose(pa.deltas[k].materialise(), pb.deltas[k].materialise(), rtol=1e-5, atol=1e-6), (r, k)
     assert ed.n_committed == ref.n_committed == 3

@@ -8,7 +8,7 @@ from factedit import FactEditError
 from factedit.errors import FingerprintMismatch
 from factedit.lm.arch import Site
 from factedit.methods.reft import LoReFTIntervention
-from factedit.patch.base import Patch
+from factedit.patch.io import load_patch
 from factedit.patch.modules import ModulePatch, Placement, position_mask
 from factedit.patch.weights import Delta, WeightPatch
 
@@ -70,18 +70,18 @@ def test_save_load_roundtrip_and_incomplete_folders(tmp_path):
     patch.save(tmp_path / "p")
     m = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert m["format_version"] == 1 and m["base_fingerprint"] == lm.fingerprint and m["kind"] == "weights"
-    back = Patch.load(tmp_path / "p")
+    back = load_patch(tmp_path / "p")
     assert torch.equal(back.deltas[name].materialise(), patch.deltas[name].materialise())
     (tmp_path / "p" / "tensors.safetensors").unlink()
     with pytest.raises(FactEditError, match="incomplete: tensors.safetensors is missing"):
-        Patch.load(tmp_path / "p")
+        load_patch(tmp_path / "p")
     with pytest.raises(FactEditError, match="does not exist"):
-        Patch.load(tmp_path / "nope")
+        load_patch(tmp_path / "nope")
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "manifest.json").write_text("{")
     (tmp_path / "q" / "tensors.safetensors").write_bytes(b"junk")
     with pytest.raises(FactEditError, match="not valid JSON"):
-        Patch.load(tmp_path / "q")
+        load_patch(tmp_path / "q")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
@@ -127,12 +127,12 @@ def test_module_patch_changes_only_chosen_positions_and_reverts(tmp_path):
     with patch.apply(lm):
         edited = lm.model(input_ids=ids).logits
         patch.save(tmp_path / "m")
-        with Patch.load(tmp_path / "m").apply(lm):
+        with load_patch(tmp_path / "m").apply(lm):
             pass
     # causal: positions before the last are untouched, the last one changes
     assert torch.allclose(base[0, :-1], edited[0, :-1], atol=1e-6)
     assert not torch.allclose(base[0, -1], edited[0, -1])
     assert torch.equal(lm.model(input_ids=ids).logits, base)
-    loaded = Patch.load(tmp_path / "m")
+    loaded = load_patch(tmp_path / "m")
     with loaded.apply(lm):
         assert torch.allclose(lm.model(input_ids=ids).logits, edited, atol=1e-6)

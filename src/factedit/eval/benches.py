@@ -90,7 +90,7 @@ def _cf_metrics(rec: dict, pre: dict | None = None) -> dict[str, float]:
 
 
 def _cf_load(path: Path, limit: int | None, options: dict[str, Any]) -> list[EvalCase]:
-    from ..data import load_counterfact
+    from ..data.counterfact import load_counterfact
 
     return load_counterfact(path, limit)
 
@@ -120,7 +120,7 @@ def _zsre_metrics(rec: dict, pre: dict | None = None) -> dict[str, float]:
 
 
 def _zsre_load(path: Path, limit: int | None, options: dict[str, Any]) -> list[EvalCase]:
-    from ..data import load_zsre
+    from ..data.zsre import load_zsre
 
     return load_zsre(path, limit, target=options.get("zsre_target", "alt"))
 

@@ -30,7 +30,7 @@ from ..lm.generate import sample_batch
 from ..lm.load import LM
 from ..methods.base import Editor
 from ..patch.base import Patch
-from ..patch.io import patch_digest
+from ..patch.io import load_patch, patch_digest
 from ..stream import EditStream
 from ..types import EvalCase
 from .benches import get_benchmark
@@ -204,7 +204,7 @@ class Runner:
     def _compute_saved(self, path: Path, requests) -> Patch:
         """The patch at ``path`` if a previous run saved it, else compute (timed) and save it."""
         if (path / "manifest.json").exists():
-            return Patch.load(path)
+            return load_patch(path)
         t0 = time.perf_counter()
         patch = self.editor.compute(self.lm, requests)
         patch.meta["edit_s"] = time.perf_counter() - t0
@@ -257,7 +257,7 @@ class Runner:
                         path = self.out / ("patch" if not seq else f"rounds/{r:04d}")
                         reqs = [q for i in idx for q in self.cases[i].requests]
                         if stream is not None and r < stream.n_rounds:  # committed: the saved patch is that round
-                            patch = Patch.load(path)
+                            patch = load_patch(path)
                         else:  # new, or saved but not committed (the unfinished round): committed as saved
                             patch = self._compute_saved(path, reqs)
                         handles.append(patch.apply(self.lm))

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import FingerprintMismatch
+from ..fsutil import atomic_dir
 from ..lm.load import LM
 from ..types import EditRequest
+from ..version import __version__
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+COMMIT = "commit.safetensors"  # the patch's commit data (Patch.commit_data), when it has any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+COMMIT = "commit.safetensors"  # the patch's commit data (Patch.commit_data), when it has any
 
 
 class Handle(ABC):
@@ -76,16 +91,32 @@ class Patch(ABC):
     def spec(self) -> dict[str, Any]:
         """JSON-able description of the patch's structure (everything but tensors)."""
 
-    def save(self, path) -> None:
-        from .io import save_patch
+    def save(self, path) -> Path:
+        """Write the patch folder: ``manifest.json`` (format version, method, resolved config, base fingerprint,
+        requests, structure) plus ``tensors.safetensors`` (and ``commit.safetensors`` for commit data). Written
+        to a temporary folder and renamed into place, so an interrupted save leaves nothing half-written. Read it
+        back with ``factedit.patch.io.load_patch``."""
+        from safetensors.torch import save_file
 
-        save_patch(self, path)
-
-    @staticmethod
-    def load(path) -> Patch:
-        from .io import load_patch
-
-        return load_patch(path)
+        path = Path(path)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "factedit_version": __version__,
+            "kind": self.kind,
+            "method": self.method,
+            "config": self.config,
+            "base_fingerprint": self.base_fingerprint,
+            "requests": [r.to_dict() for r in self.requests],
+            "meta": self.meta,
+            "spec": self.spec(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        with atomic_dir(path) as tmp:
+            save_file(self.tensors(), str(tmp / TENSORS), metadata={"format": "factedit-patch"})
+            if self.commit_data:
+                save_file({k: v.detach().contiguous().cpu() for k, v in self.commit_data.items()}, str(tmp / COMMIT))
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        return path
 
     def n_params(self) -> int:
         return sum(t.numel() for t in self.tensors().values())

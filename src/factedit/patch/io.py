@@ -1,47 +1,16 @@
-"""Patch folders: ``manifest.json`` (format version, method, resolved config, base fingerprint,
-requests, structure) plus ``tensors.safetensors``. No pickle. Written to a temporary folder and
-renamed into place, so an interrupted save leaves nothing half-written."""
+"""Reading patch folders (written by ``Patch.save``): ``manifest.json`` plus ``tensors.safetensors`` (and
+``commit.safetensors`` when the patch declares commit data). No pickle."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import FactEditError
-from ..fsutil import atomic_dir
 from ..types import EditRequest
-from ..version import __version__
-from .base import Patch
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TENSORS = "tensors.safetensors"
-COMMIT = "commit.safetensors"  # the patch's commit data (Patch.commit_data), when it has any
-
-
-def save_patch(patch: Patch, path) -> Path:
-    path = Path(path)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "factedit_version": __version__,
-        "kind": patch.kind,
-        "method": patch.method,
-        "config": patch.config,
-        "base_fingerprint": patch.base_fingerprint,
-        "requests": [r.to_dict() for r in patch.requests],
-        "meta": patch.meta,
-        "spec": patch.spec(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    with atomic_dir(path) as tmp:
-        save_file(patch.tensors(), str(tmp / TENSORS), metadata={"format": "factedit-patch"})
-        if patch.commit_data:
-            save_file({k: v.detach().contiguous().cpu() for k, v in patch.commit_data.items()}, str(tmp / COMMIT))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-    return path
+from .base import COMMIT, FORMAT_VERSION, MANIFEST, TENSORS, Patch
 
 
 def patch_digest(path) -> str:

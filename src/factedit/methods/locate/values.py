@@ -106,7 +106,7 @@ def compute_z(lm: LM, requests: Sequence[EditRequest], templates: list[str], sit
         raise FactEditError(f"unknown kl_direction '{s.kl_direction}' (current_initial or initial_current)")
     if s.autocast not in ("none", "bf16"):
         raise FactEditError(f"unknown autocast '{s.autocast}' (none or bf16)")
-    store = ZStore(lm, templates, site_path, s) if cache else None
+    store = ZStore(lm, templates, site_path, vars(s)) if cache else None
     found = {}
     if store is not None:
         for i, r in enumerate(requests):

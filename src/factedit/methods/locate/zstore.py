@@ -13,7 +13,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -22,9 +21,6 @@ from safetensors.torch import save_file
 from ...fsutil import atomic_file
 from ...lm.load import LM, cache_root, fingerprint_model
 from ...types import EditRequest
-
-if TYPE_CHECKING:
-    from .values import ZSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +31,13 @@ Z_STORE_VERSION = 1  # bump when the z* computation changes its result
 class ZStore:
     """z* per request on disk, for one set of weights (see the module docstring)."""
 
-    def __init__(self, lm: LM, templates: list[str], site_path: str, s: ZSettings) -> None:
+    def __init__(self, lm: LM, templates: list[str], site_path: str, settings: dict) -> None:
+        """settings: the z* settings (``vars(ZSettings)``)."""
         root = Path(os.environ["FACTEDIT_ZSTAR_CACHE"]) if os.environ.get("FACTEDIT_ZSTAR_CACHE") \
             else cache_root() / "zstar"
         self.dir = root / fingerprint_model(lm.model)  # the weights z* is computed on, byte for byte
         tok = lm.tokenizer
-        settings = {k: v for k, v in vars(s).items() if k != "batch"}  # the batch size does not change z*
+        settings = {k: v for k, v in settings.items() if k != "batch"}  # the batch size does not change z*
         if settings.get("autocast") == "bf16":
             settings["autocast"] = "bf16_mlps"  # bf16 in the MLPs and head only (session 11): not the older whole-forward z*
         self.base = json.dumps({"v": Z_STORE_VERSION, "site": site_path, "z": settings, "templates": templates,
