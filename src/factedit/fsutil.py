@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,10 +68,6 @@ class JsonlWriter:
     def write(self, rec: dict) -> None:
         self.f.write(json.dumps(rec, default=str) + "\n")
         self.f.flush()
-
-    def write_all(self, recs: Iterable[dict]) -> None:
-        for r in recs:
-            self.write(r)
 
     def close(self) -> None:
         self.f.close()

@@ -219,3 +219,16 @@ def test_scoring_waits_for_a_compute_in_another_thread_and_sees_the_unedited_mod
     got = score_targets(lm, prompts, targets)[0].nll  # blocks until the compute is done
     th.join()
     assert got == want  # the same model and the same batch: bit-exact
+
+
+def test_reset_hooks_removes_what_module_patches_installed():
+    lm = tiny_lm("llama")
+    n0 = _n_hooks(lm.model)
+    p = ModulePatch(method="t", config={}, base_fingerprint=lm.fingerprint,
+                    placements=[Placement(Site("mlp_input", 1), "all"), Placement(Site("block_output", 2), "last")],
+                    modules=[_loreft(lm, 0), _loreft(lm, 1)])
+    h = p.apply(lm)
+    h.merge()  # kept for the life of the model object ...
+    assert _n_hooks(lm.model) == n0 + 2 and len(lm.hooks) == 2
+    lm.reset_hooks()  # ... unless reset
+    assert _n_hooks(lm.model) == n0 and not lm.hooks

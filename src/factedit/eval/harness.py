@@ -320,10 +320,6 @@ class Runner:
         return {"after_round": aggregate([post(after[r["index"]]) for r in recs]), "by_round": per}
 
 
-def run_eval(lm: LM, editor: Editor, cases: list[EvalCase], **kw) -> dict:
-    return Runner(lm, editor, cases, **kw).run()
-
-
 def check_mode(cfg: EvalConfig, mode: str) -> None:
     """Evaluation settings that only make sense in some modes."""
     if cfg.after_round and mode != "sequential":

@@ -22,14 +22,6 @@ class TargetScore:
     token_acc: float  # fraction of target tokens that are the argmax at their position
     argmax: list[int]  # the argmax token at each target position (for pre/post agreement)
 
-    @property
-    def prob(self) -> float:
-        """Per-token geometric-mean probability exp(−NLL) (the CounterFact magnitude unit)."""
-        return math.exp(-self.nll)
-
-    @property
-    def all_correct(self) -> bool:
-        return self.token_acc == 1.0
 
 
 @torch.no_grad()

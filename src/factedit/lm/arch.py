@@ -121,10 +121,6 @@ register_arch(
 )
 
 
-def known_families() -> list[str]:
-    return sorted(_RECORDS)
-
-
 def get_module(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)

@@ -147,14 +147,3 @@ class WeightPatch(Patch):
             else:
                 deltas[name] = Delta(u=tensors[f"{name}::u"], v=tensors[f"{name}::v"])
         return cls(deltas=deltas, **common)
-
-    def combined(self, other: WeightPatch) -> WeightPatch:
-        """One patch with the summed deltas of two patches on the same base model."""
-        if other.base_fingerprint != self.base_fingerprint:
-            raise FactEditError("cannot combine patches computed on different base models")
-        deltas = {n: Delta(dense=d.materialise().clone()) for n, d in self.deltas.items()}
-        for n, d in other.deltas.items():
-            deltas[n] = Delta(dense=deltas[n].dense + d.materialise()) if n in deltas else d
-        return WeightPatch(method=f"{self.method}+{other.method}", config={"parts": [self.config, other.config]},
-                           base_fingerprint=self.base_fingerprint, requests=self.requests + other.requests,
-                           meta={"parts": [self.meta, other.meta]}, deltas=deltas)
