@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from factedit.cli import _general_text
-from factedit.data.paths import default_data_dir
+from factedit.data.paths import default_data_dir, general_text
 from factedit.eval.scoring import perplexity
 from factedit.lm.load import load_lm
 from factedit.lm.tokens import subject_last_index
@@ -32,7 +31,7 @@ def main():
     if not rounds:
         raise SystemExit(f"{args.run}: no saved rounds")
     lm = load_lm()
-    text = _general_text(default_data_dir())
+    text = general_text(default_data_dir())
     patches = [load_patch(p) for p in rounds]
 
     def ppl():

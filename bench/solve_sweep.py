@@ -28,9 +28,8 @@ import torch
 from sweep import emit, scores  # bench/sweep.py, beside this script
 
 from factedit import get_editor
-from factedit.cli import _general_text
 from factedit.data import default_bench_file, load_counterfact
-from factedit.data.paths import default_data_dir
+from factedit.data.paths import default_data_dir, general_text
 from factedit.lm.load import load_lm
 from factedit.methods.base import frozen
 from factedit.methods.locate.base import z_settings
@@ -67,7 +66,7 @@ def main():
     lm = load_lm(args.model)
     cases = load_counterfact(default_bench_file("counterfact"), args.n)
     reqs = [c.request for c in cases]
-    text = _general_text(default_data_dir())
+    text = general_text(default_data_dir())
     grid = json.loads(args.grid)
     over = json.loads(args.base)
     base = get_editor(args.method, lm, z_batch=args.z_batch, **over)

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from factedit import get_editor
-from factedit.cli import _general_text
 from factedit.data import default_bench_file, load_counterfact
-from factedit.data.paths import default_data_dir
+from factedit.data.paths import default_data_dir, general_text
 from factedit.eval.metrics import aggregate, score_cases
 from factedit.eval.scoring import perplexity
 from factedit.lm.load import load_lm
@@ -73,7 +72,7 @@ def main():
     lm = load_lm(args.model)
     cases = load_counterfact(default_bench_file("counterfact"), args.n)
     grid = json.loads(args.grid)
-    text = _general_text(default_data_dir()) if args.ppl_tokens else None
+    text = general_text(default_data_dir()) if args.ppl_tokens else None
     pre = scores(lm, cases, text, args.ppl_tokens)
     print("pre", pre, flush=True)
     for vals in itertools.product(*grid.values()):

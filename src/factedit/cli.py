@@ -4,7 +4,6 @@ one line naming the record or file and exit with status 2."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -12,44 +11,11 @@ import time
 from pathlib import Path
 
 from . import config as cfgmod
+from .commands import cmd_apply, cmd_edit, cmd_eval, cmd_train, editor_class_checked, load_cases, split_sets
 from .errors import FactEditError
 from .version import __version__
 
 log = logging.getLogger("factedit")
-
-
-def _split_sets(pairs: list[str] | None) -> tuple[dict, dict]:
-    """--set key=value -> (method overrides, eval overrides); eval keys are written ``eval.key``."""
-    method, ev = {}, {}
-    for k, v in cfgmod.parse_sets(pairs).items():
-        (ev if k.startswith("eval.") else method)[k.removeprefix("eval.")] = v
-    return method, ev
-
-
-def _editor_class_checked(name: str, overrides: dict):
-    from .registry import get_editor_class
-
-    cls = get_editor_class(name)
-    cfgmod.build(cls.Config, overrides, what=f"{name} config")  # reject unknown keys / bad values now
-    return cls
-
-
-def _check_editor_dir(cls, editor_dir: str | None) -> None:
-    """--editor DIR: a trained editor folder, for a trained method (checked before the model loads)."""
-    from .methods.trained import MANIFEST, TrainedEditor
-
-    if editor_dir is None:
-        return
-    if not issubclass(cls, TrainedEditor):
-        raise FactEditError(f"--editor: {cls.name} is not a trained editor (it needs no training)")
-    if not (Path(editor_dir) / MANIFEST).is_file():
-        raise FactEditError(f"--editor {editor_dir}: not a trained editor folder (no {MANIFEST})")
-
-
-def _make_editor(cls, lm, overrides: dict, editor_dir: str | None, force: bool = False):
-    if editor_dir is None:
-        return cls.create(lm, overrides)
-    return cls.from_pretrained(editor_dir, lm, overrides, force=force)
 
 
 def cmd_methods(args) -> int:
@@ -60,181 +26,11 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def _load_cases(bench: str, data: str | None, limit: int | None, zsre_target: str):
-    from .data import default_bench_file
-    from .eval.benches import get_benchmark
-
-    b = get_benchmark(bench)
-    path = Path(data) if data else default_bench_file(bench)
-    return path, b.load(path, limit, {"zsre_target": zsre_target})
-
-
-def cmd_eval(args) -> int:
-    from .data.paths import default_data_dir, general_text
-    from .eval.harness import Runner, check_mode, eval_config
-    from .eval.report import table
-    from .lm.load import load_lm
-
-    m_over, e_over = _split_sets(args.set)
-    cls = _editor_class_checked(args.method, m_over)
-    _check_editor_dir(cls, args.editor)
-    ecfg = eval_config(e_over)
-    check_mode(ecfg, args.mode)
-    if args.limit is not None and args.limit < 1:
-        raise FactEditError("--limit must be at least 1")
-    path, cases = _load_cases(args.bench, args.data, args.limit, args.zsre_target)
-    if args.pre_from and not (Path(args.pre_from) / "run.json").is_file():
-        raise FactEditError(f"--pre-from {args.pre_from}: not a run folder (no run.json)")
-    text = general_text(Path(args.data_dir) if args.data_dir else default_data_dir())
-    lm = load_lm(args.model, device=args.device)
-    editor = _make_editor(cls, lm, m_over, args.editor)
-    for c in cases:  # subject/token checks before any model work
-        editor.validate(lm, [c.request])
-    runner = Runner(lm, editor, cases, bench=args.bench, mode=args.mode, out=Path(args.out),
-                    edit_batch=args.batch_size, eval_cfg=ecfg, general_text=text, data=str(path),
-                    pre_only=args.pre_only, pre_from=Path(args.pre_from) if args.pre_from else None)
-    summary = runner.run()
-    print(table(summary))
-    print(f"run folder: {args.out}")
-    return 0
-
-
-def cmd_edit(args) -> int:
-    from .data import load_facts
-    from .lm.load import load_lm
-    from .patch.io import load_patch, patch_digest
-    from .stream import EditStream
-
-    m_over, _ = _split_sets(args.set)
-    cls = _editor_class_checked(args.method, m_over)
-    _check_editor_dir(cls, args.editor)
-    requests = load_facts(args.facts)
-    out = Path(args.out)
-    on = list(args.on or [])
-    state_dir = Path(args.state) if args.state else None
-    stream = EditStream(state_dir, cls(cfgmod.build(cls.Config, m_over))) if state_dir else None
-    tag = {"state": str(state_dir.resolve()), "round": len(on) + 1} if state_dir else None
-    if out.exists() and any(out.iterdir()) and not args.overwrite and not (stream and stream.is_unfinished(out, tag)):
-        raise FactEditError(f"output folder '{out}' exists and is not empty (use --overwrite)")
-    earlier = [load_patch(p) for p in on]  # each folder read and checked before the model loads
-    if any(out.resolve() == Path(p).resolve() for p in on) or (state_dir and out.resolve() == state_dir.resolve()):
-        raise FactEditError("--out must be a new folder, not one of the --on patches or the --state folder")
-    if stream is not None:
-        stream.check_rounds([patch_digest(p) for p in on], [f"--on {p}" for p in on], source="--on")
-    lm = load_lm(args.model, device=args.device)
-    editor = _make_editor(cls, lm, m_over, args.editor, force=args.force)
-    if stream is None and on and editor.remembers_rounds:
-        raise FactEditError(f"{args.method} remembers earlier rounds (their accumulated keys): editing on top of "
-                            "--on patches needs --state DIR, the folder those rounds wrote")
-    if stream is not None:
-        stream.editor = editor
-        stream.restore(lm)
-    with contextlib.ExitStack() as applied:  # the --on patches, reverted in reverse order on the way out
-        for path, p in zip(on, earlier):
-            if p.method != args.method:
-                log.warning("--on %s was made by %s, not %s", path, p.method, args.method)
-            applied.enter_context(p.apply(lm))
-        t0 = time.perf_counter()
-        patch = editor.compute(lm, requests)
-        dt = time.perf_counter() - t0
-        patch.meta["edit_s"] = dt
-        if tag is not None:
-            patch.meta["stream"] = tag
-        patch.save(out)
-        if stream is not None:  # the patch is saved first (see factedit.stream)
-            stream.commit(patch, out, lm)
-    chain = stream.chain[:-1] if stream else []
-    where = f" on top of {len(on)} earlier round(s)" if on else ""
-    print(f"{len(requests)} facts edited with {args.method}{where} in {dt:.1f} s ({patch.n_params():,} patch "
-          f"parameters); patch saved to {out}" + (f"; state in {state_dir} (round {len(chain) + 1})" if state_dir else ""))
-    return 0
-
-
-def cmd_train(args) -> int:
-    import shutil
-
-    from .fsutil import write_json
-    from .lm.load import load_lm
-    from .methods.trained import MANIFEST, TrainedEditor, data_digest
-
-    m_over, _ = _split_sets(args.set)
-    cls = _editor_class_checked(args.method, m_over)
-    if not issubclass(cls, TrainedEditor):
-        raise FactEditError(f"{args.method} is not a trained editor: it needs no 'factedit train'")
-    out = Path(args.out)
-    if (out / MANIFEST).exists():
-        raise FactEditError(f"--out {out} already holds a trained editor; choose another folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FactEditError(f"--out {out} exists and is not empty")
-    if args.limit is not None and args.limit < 1:
-        raise FactEditError("--limit must be at least 1")
-    path, cases = _load_cases(args.bench, args.data, args.limit, args.zsre_target)
-    lm = load_lm(args.model, device=args.device)
-    editor = cls.create(lm, m_over)
-    # an interrupted training resumes from OUT.partial, if it was the same training (method, config, data, model)
-    run = {"method": cls.name, "config": editor.config_dict(), "data": str(path), "data_digest": data_digest(cases),
-           "fingerprint": lm.fingerprint}
-    ckpt = out.with_name(out.name + ".partial")
-    rec = ckpt / "run.json"
-    if rec.is_file():
-        import json
-
-        if json.loads(rec.read_text()) != json.loads(json.dumps(run, default=str)):
-            raise FactEditError(f"{ckpt} holds an interrupted training of another run (other method, config, data "
-                                "or model); remove it or choose another --out")
-        log.info("train: resuming from %s", ckpt)
-    else:
-        write_json(rec, run)
-    t0 = time.perf_counter()
-    metrics = editor.fit(lm, cases, checkpoint=ckpt / "state")
-    editor.trained["train_s"] = round(time.perf_counter() - t0, 1)
-    editor.save_pretrained(out)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-                      if isinstance(v, (int, float)))
-    print(f"{cls.name} trained on {len(cases)} cases of {path} ({shown}); editor saved to {out}")
-    return 0
-
-
-def cmd_apply(args) -> int:
-    from .fsutil import atomic_dir
-    from .lm.generate import sample
-    from .lm.load import load_lm
-    from .patch.io import load_patch
-
-    patches = [load_patch(p) for p in args.patch]
-    if args.merge and not args.out:
-        raise FactEditError("--merge needs --out DIR to write the merged model")
-    for path, patch in zip(args.patch, patches):
-        if args.merge and patch.kind != "weights":
-            raise FactEditError(f"{path}: a {patch.kind} patch ({patch.method}) is input-dependent and cannot be "
-                                "merged into weights; apply it at load time instead")
-    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
-        raise FactEditError(f"output folder '{args.out}' exists and is not empty")
-    lm = load_lm(args.model, device=args.device)
-    prompts = args.prompt or [r.prompt for p in patches for r in p.requests][:10]
-    before = [sample(lm, p, len(p.split()) + 16, greedy=True, stop_at_eos=True) for p in prompts]
-    with contextlib.ExitStack() as applied:  # reverted in reverse order on the way out, unless merged
-        handles = [applied.enter_context(patch.apply(lm, force=args.force)) for patch in patches]  # in order
-        for p, b in zip(prompts, before):
-            a = sample(lm, p, len(p.split()) + 16, greedy=True, stop_at_eos=True)
-            print(f"{p}\n   before: {b.strip()[:80]}\n   after:  {a.strip()[:80]}")
-        if args.merge:
-            for h in handles:
-                h.merge()
-            out = Path(args.out)
-            with atomic_dir(out) as tmp:
-                lm.model.save_pretrained(tmp, safe_serialization=True)
-                lm.tokenizer.save_pretrained(tmp)
-            print(f"merged model saved to {out}" + (f" ({len(patches)} patches)" if len(patches) > 1 else ""))
-    return 0
-
-
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    m_over, e_over = _split_sets(args.set)
-    _editor_class_checked(args.method, m_over)
+    m_over, e_over = split_sets(args.set)
+    editor_class_checked(args.method, m_over)
     return run_demo(args.model, args.method, m_over, e_over, out=args.out, device=args.device)
 
 
@@ -277,7 +73,7 @@ def cmd_trace(args) -> int:
     if args.limit < 1 or args.samples < 1 or args.window < 1:
         raise FactEditError("--limit, --samples and --window must be at least 1")
     known = args.answer == "known"
-    path, cases = _load_cases(args.bench, args.data, None if known else args.limit, "answer")
+    path, cases = load_cases(args.bench, args.data, None if known else args.limit, "answer")
     if known and any(not c.request.target_true for c in cases):
         bad = next(i for i, c in enumerate(cases) if not c.request.target_true)
         raise FactEditError(f"{path}[{bad}]: --answer known needs the record's true answer, and it has none")
