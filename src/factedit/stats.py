@@ -158,11 +158,10 @@ def key_stats(lm: LM, layers: list[int], corpus=None, tokens: int = 200_000, max
             _check_finite(t["mom2_sum"], f"key statistics of layer {l}", f)
             out[l] = KeyStats(l, lm.arch.mlp_out_path(l), t["mom2_sum"], int(meta["count"]), meta)
     todo = [l for l in layers if l not in out]
-    if not todo:
-        return out
-    out.update(_compute(lm, todo, text, desc, chash, tokens, max_len, batch_size, dtype, files, checkpoint_s,
-                        progress))
-    for l, s in out.items():
+    if todo:
+        out.update(_compute(lm, todo, text, desc, chash, tokens, max_len, batch_size, dtype, files, checkpoint_s,
+                            progress))
+    for l, s in out.items():  # read from the cache or just computed: derived files (projectors) sit beside it
         s.meta["_path"] = str(files[l])
     return out
 
@@ -250,6 +249,7 @@ def null_projector(stats: KeyStats, threshold: float, mode: str = "relative",
     if cache and src:
         path = Path(src).with_name(Path(src).stem + f"--null-{mode}-{threshold:g}.safetensors")
         if path.exists():
+            log.debug("null space of layer %d read from %s", stats.layer, path)
             return load_file(str(path))["P"], _read_meta(path)
     C = stats.moment()
     evals, evecs = torch.linalg.eigh(C)

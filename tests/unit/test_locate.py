@@ -620,3 +620,21 @@ def test_a_round_saved_but_not_committed_is_committed_as_saved_on_resume(method,
     assert ed.n_committed == ref.n_committed == 3
     for l, c in ref.cache_c.items():
         assert torch.allclose(ed.cache_c[l], c, rtol=1e-6), l
+
+
+def test_the_projector_is_read_from_disk_once_the_statistics_come_from_the_cache(tmp_path, monkeypatch, corpus):
+    """AlphaEdit's projector is cached beside its statistics: a second edit, whose statistics are read from the
+    cache, reads the projector too instead of recomputing its eigen-decomposition."""
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    from factedit import stats as statsmod
+
+    calls = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(statsmod.torch.linalg, "eigh", lambda C: calls.append(1) or real(C))
+    kw = strong(corpus, nullspace_mode="relative", nullspace_threshold=0.05)
+    lm = tiny_lm("llama")
+    get_editor("alphaedit", lm, **kw, z_cache=False).compute(lm, REQ[:1])
+    assert len(calls) == 2  # layers 1 and 2, computed once and saved beside their statistics
+    assert len(list((tmp_path / "cache" / "stats").rglob("*--null-relative-0.05.safetensors"))) == 2
+    get_editor("alphaedit", lm, **kw, z_cache=False).compute(lm, REQ[1:2])  # a new editor: statistics from disk
+    assert len(calls) == 2  # ... and the projectors too
