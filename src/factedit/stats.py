@@ -52,18 +52,24 @@ class KeyStats:
 
 
 # ---- corpus -----------------------------------------------------------------------------------------
+def default_corpus() -> Path | None:
+    """The default statistics corpus: WikiText-2 validation text in the shared data folder (None if absent)."""
+    from .data.paths import default_data_dir
+
+    root = default_data_dir()
+    path = root / "wikitext-2" / "valid.txt.gz" if root else None
+    return path if path is not None and path.exists() else None
+
+
 def corpus_text(corpus: str | os.PathLike | Iterable[str] | None) -> tuple[str, str]:
     """(text, description). ``None``: WikiText-2 validation text from the shared data folder."""
     from .data.io import read_text
-    from .data.paths import default_data_dir
 
     if corpus is None:
-        root = default_data_dir()
-        path = root / "wikitext-2" / "valid.txt.gz" if root else None
-        if path is None or not path.exists():
+        corpus = default_corpus()
+        if corpus is None:
             raise FactEditError("no statistics corpus: pass --corpus FILE (default is wikitext-2/valid.txt.gz "
                                 "in the shared data folder, which was not found)")
-        corpus = path
     if isinstance(corpus, (str, os.PathLike)):
         path = Path(corpus)
         if not path.exists():
@@ -230,6 +236,29 @@ def _compute(lm, layers, text, desc, chash, tokens, max_len, batch_size, dtype, 
     ckpt.unlink(missing_ok=True)
     log.info("statistics: %d tokens, layers %s (%s)", count, layers, desc)
     return out
+
+
+def cached_statistics(lm: LM, layers: list[int]) -> list[dict]:
+    """The statistics settings for which the cache holds a file for every one of ``layers`` of ``lm`` (in the
+    model's dtype): [{"corpus": description, "tokens": requested tokens, "max_len": window}], sorted."""
+    import re
+
+    d, dtype = _stats_dir(lm), str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    per_layer = []
+    for l in sorted({int(x) for x in layers}):
+        module = lm.arch.mlp_out_path(l)
+        got = set()
+        for f in d.glob(f"{module}--c*.safetensors") if d.is_dir() else []:
+            m = re.fullmatch(re.escape(module) + r"--c([0-9a-f]{12})-t(\d+)-l(\d+)-(\w+)", f.stem)
+            if m is None or m.group(4) != dtype:
+                continue  # a projector or another dtype
+            meta = _read_meta(f)
+            if meta.get("version") != STATS_VERSION:
+                continue
+            got.add((str(meta.get("corpus")), int(m.group(2)), int(m.group(3))))
+        per_layer.append(got)
+    common = set.intersection(*per_layer) if per_layer else set()
+    return [{"corpus": c, "tokens": t, "max_len": n} for c, t, n in sorted(common)]
 
 
 # ---- derived: null-space projector ---------------------------------------------------------------------

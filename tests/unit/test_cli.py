@@ -335,3 +335,36 @@ def test_interrupted_round_leaves_the_state_behind_and_reruns(tmp_path, tiny_fol
     assert cli.main(second) == 2
     other = ["--facts", str(f2), "--out", str(tmp_path / "p1"), "--on", str(tmp_path / "p1")]
     assert cli.main(base + other) == 2
+
+
+def test_edit_reuses_the_statistics_factedit_stats_computed(tmp_path, tiny_folder, corpus, capsys, monkeypatch, caplog):
+    """After 'factedit stats --tokens N --corpus FILE', a plain edit uses those statistics (and says so) instead
+    of computing the default ones; with several cached and none configured it refuses, listing them."""
+    import logging
+
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FACTEDIT_DATA", str(tmp_path / "no-data"))  # no default corpus to fall back on
+    from factedit import stats as statsmod
+
+    stats_cmd = ["stats", "--model", str(tiny_folder), "--layers", "1-2", "--corpus", corpus, "--max-len", "64"]
+    assert cli.main(stats_cmd + ["--tokens", "1500"]) == 0
+    computed = []
+    real = statsmod._compute
+    monkeypatch.setattr(statsmod, "_compute", lambda *a, **k: computed.append(1) or real(*a, **k))
+    f = facts(tmp_path, [locate_requests()[0].to_dict()])
+    edit = ["edit", "--model", str(tiny_folder), "--method", "memit", "--set", "layers=1-2", "--set", "v_steps=2",
+            "--set", "templates_per_length=0", "--facts", str(f)]
+    with caplog.at_level(logging.INFO, logger="factedit"):
+        assert cli.main(edit + ["--out", str(tmp_path / "p1")]) == 0
+    assert not computed and "using the cached key statistics" in caplog.text
+    cfg = json.loads((tmp_path / "p1" / "manifest.json").read_text())["config"]
+    assert (cfg["mom2_corpus"], cfg["mom2_tokens"], cfg["mom2_max_len"]) == (corpus, 1500, 64)  # recorded
+    capsys.readouterr()
+    assert cli.main(stats_cmd + ["--tokens", "1000"]) == 0  # a second set of statistics
+    computed.clear()
+    assert cli.main(edit + ["--out", str(tmp_path / "p2")]) == 2
+    err = capsys.readouterr().err
+    assert "several key statistics" in err and "mom2_tokens=1000" in err and "mom2_tokens=1500" in err
+    assert not (tmp_path / "p2").exists()
+    assert cli.main(edit + ["--set", "mom2_tokens=1000", "--set", f"mom2_corpus={corpus}", "--set", "mom2_max_len=64",
+                            "--out", str(tmp_path / "p3")]) == 0 and not computed  # named: that one, from the cache

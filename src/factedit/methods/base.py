@@ -47,6 +47,7 @@ class Editor(ABC):
     def __init__(self, config: Any | None = None, preset: str | None = None) -> None:
         self.config = config if config is not None else self.Config()
         self.preset = preset
+        self.explicit: frozenset[str] = frozenset()  # the config keys the user set (overrides), not defaults/preset
 
     @classmethod
     def create(cls, lm: LM | None = None, overrides: dict[str, Any] | None = None) -> Editor:
@@ -58,6 +59,7 @@ class Editor(ABC):
         if source:
             log.info("%s: preset %s", cls.name, source)
         ed = cls(cfg, preset=source)
+        ed.explicit = frozenset(overrides or {})
         if lm is not None:
             ed.check_config(lm)
         return ed

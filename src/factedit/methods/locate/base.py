@@ -18,11 +18,13 @@ templates, NSE's original weights — advances only in ``commit`` and is saved w
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -31,7 +33,7 @@ from ...config import NonNegFloat, NonNegInt, PosFloat, PosInt
 from ...errors import FactEditError
 from ...lm.load import LM
 from ...patch.weights import Delta, WeightPatch
-from ...stats import KeyStats, key_stats
+from ...stats import KeyStats, cached_statistics, default_corpus, key_stats
 from ...types import EditRequest
 from ..base import Editor
 from .keys import compute_keys
@@ -106,6 +108,37 @@ class LocateEditor(Editor):
             c = self.config
             self._stats.update(key_stats(lm, missing, c.mom2_corpus, c.mom2_tokens, c.mom2_max_len))
         return {l: self._stats[l] for l in layers}
+
+    def check_config(self, lm: LM) -> None:
+        super().check_config(lm)
+        self._pick_statistics(lm)
+
+    STATS_KEYS = ("mom2_corpus", "mom2_tokens", "mom2_max_len")
+
+    def _pick_statistics(self, lm: LM) -> None:
+        """Reuse the key statistics that ``factedit stats`` computed: unless the user named the statistics
+        settings, and when the configured ones are not in the cache, take the cached statistics that cover the
+        edited layers (refused, with the list, when there are several)."""
+        if self.explicit & set(self.STATS_KEYS):
+            return  # named: exactly those (computed if missing)
+        have = [h for h in cached_statistics(lm, self.edit_layers()) if Path(h["corpus"]).is_file()]
+        if not have:
+            return
+        c = self.config
+        want_corpus = c.mom2_corpus if c.mom2_corpus is not None else default_corpus()
+        if any(h["corpus"] == str(want_corpus) and h["tokens"] == c.mom2_tokens and h["max_len"] == c.mom2_max_len
+               for h in have):
+            return  # the configured statistics are cached
+        if len(have) > 1:
+            listed = "; ".join(f"--set mom2_corpus={h['corpus']} --set mom2_tokens={h['tokens']} "
+                               f"--set mom2_max_len={h['max_len']}" for h in have)
+            raise FactEditError(f"{self.name}: the cache holds several key statistics for layers "
+                                f"{self.edit_layers()} and none with the configured settings; name one: {listed}")
+        h = have[0]
+        self.config = dataclasses.replace(c, mom2_corpus=h["corpus"], mom2_tokens=h["tokens"], mom2_max_len=h["max_len"])
+        log.info("%s: using the cached key statistics of %s (%d tokens, windows of %d) for layers %s; set "
+                 "mom2_corpus / mom2_tokens / mom2_max_len to choose others", self.name, h["corpus"], h["tokens"],
+                 h["max_len"], self.edit_layers())
 
     def _validate_config(self, lm: LM) -> None:
         lm.check_layers(self.edit_layers(), "edit layer")
