@@ -638,3 +638,17 @@ def test_the_projector_is_read_from_disk_once_the_statistics_come_from_the_cache
     assert len(list((tmp_path / "cache" / "stats").rglob("*--null-relative-0.05.safetensors"))) == 2
     get_editor("alphaedit", lm, **kw, z_cache=False).compute(lm, REQ[1:2])  # a new editor: statistics from disk
     assert len(calls) == 2  # ... and the projectors too
+
+
+def test_the_z_store_is_shared_across_methods_and_says_so(corpus, caplog):
+    import logging
+
+    lm = tiny_lm("llama")
+    kw = strong(corpus, v_steps=4)
+    first = get_editor("memit", lm, **kw).compute(lm, REQ[:2])
+    assert first.meta["z_from_store"] == 0
+    with caplog.at_level(logging.INFO):
+        second = get_editor("nse", lm, **kw).compute(lm, REQ[:2])  # z* defined the same way, same weights
+    assert second.meta["z_from_store"] == 2 and "which MEMIT, AlphaEdit and NSE share" in caplog.text
+    third = get_editor("memit", lm, **kw, z_cache=False).compute(lm, REQ[:2])  # switched off: computed here
+    assert third.meta["z_from_store"] == 0

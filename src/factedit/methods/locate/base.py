@@ -170,6 +170,8 @@ class LocateEditor(Editor):
             name, _ = self._weight(lm, layer)
             deltas[name] = Delta(u=U, v=V) if lm.arch.layout == "linear" else Delta(u=V, v=U)
         meta = {"preset": self.preset, "templates": self.templates, "n_committed_before": self.n_committed, **meta}
+        if "z" in meta:  # how many z* came from the store (computed by an earlier call or another method)
+            meta["z_from_store"] = sum(bool(i.get("stored")) for i in meta["z"])
         return WeightPatch(method=self.name, config=self.config_dict(), base_fingerprint=lm.fingerprint,
                            requests=list(requests), meta=meta, deltas=deltas)
 

@@ -114,7 +114,9 @@ def compute_z(lm: LM, requests: Sequence[EditRequest], templates: list[str], sit
             if got is not None:
                 found[i] = got
         if found:
-            log.info("z*: %d of %d requests read from %s", len(found), len(requests), store.dir)
+            log.info("z*: %d of %d requests read from the z* store %s, which MEMIT, AlphaEdit and NSE share on the "
+                     "same weights and settings (z_cache=false computes them here: for timings)", len(found),
+                     len(requests), store.dir)
     todo = [i for i in range(len(requests)) if i not in found]
     chunks = [todo[i : i + s.batch] for i in range(0, len(todo), max(1, s.batch))]
     bar = tqdm(total=len(requests), initial=len(found), desc="z*", leave=False, disable=None if progress else True)
