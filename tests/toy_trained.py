@@ -70,7 +70,7 @@ class ToyEditor(TrainedEditor):
                             placements=[self._placement()], modules=[self.shift])
         with patch.apply(lm):
             res = train_loop(list(self.shift.parameters()), batches, lambda b: target_nll(lm, b).mean(),
-                             TrainSettings(steps=c.steps, lr=c.lr, grad_clip=10.0, desc="toy", checkpoint_every=1),
+                             TrainSettings(steps=c.steps, lr=c.lr, grad_clip=10.0, desc="toy", checkpoint_every=1, log_every=4),
                              weights=sizes, checkpoint=checkpoint, progress=False)
         return {"loss": res.loss, "passes": res.steps}
 

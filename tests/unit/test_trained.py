@@ -26,7 +26,9 @@ def cases():
     return [EvalCase(EditRequest(p, s, n, t, case_id=i)) for i, (p, s, n, t) in enumerate(TRAIN)]
 
 
-def test_fit_save_load_and_refusals(tmp_path):
+def test_fit_save_load_and_refusals(tmp_path, caplog):
+    import logging
+
     from factedit import get_editor
     from factedit.registry import get_editor_class
 
@@ -36,8 +38,10 @@ def test_fit_save_load_and_refusals(tmp_path):
     with pytest.raises(FactEditError, match="train it first"):
         ed.compute(lm, reqs)
     before = [s.nll for s in score_targets(lm, [r.prompt for r in reqs], [r.target_new for r in reqs])]
-    metrics = ed.fit(lm, cases())
+    with caplog.at_level(logging.INFO, logger="factedit.methods.train"):
+        metrics = ed.fit(lm, cases())
     assert metrics["passes"] == 12
+    assert "toy: pass 4/12 loss" in caplog.text and "toy: pass 12/12 loss" in caplog.text  # logged losses
     ed.save_pretrained(tmp_path / "toy")
     man = json.loads((tmp_path / "toy" / "editor.json").read_text())
     assert man["method"] == "toy" and man["base_fingerprint"] == lm.fingerprint and man["format_version"] == 1

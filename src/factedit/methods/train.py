@@ -36,7 +36,8 @@ class TrainSettings:
     grad_clip: float | None = None  # max global gradient norm (None: no clipping)
     early_stop_loss: float | None = None  # stop once a pass's mean loss is below this
     desc: str = "train"
-    checkpoint_every: int = 0  # passes between checkpoints (0: only at the end of an interrupted run's pass)
+    checkpoint_every: int = 0  # passes between checkpoints (0: only at the end)
+    log_every: int = 0  # passes between INFO log lines with the loss (0: DEBUG only; trained editors log)
 
 
 @dataclass
@@ -154,7 +155,9 @@ def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: 
         if s.grad_clip is not None:
             post["|g|"] = f"{result.grad_norm:.2g}"
         bar.set_postfix(post)
-        log.debug("%s: pass %d loss %.4f", s.desc, step + 1, mean)
+        every = s.log_every and (step + 1) % s.log_every == 0
+        log.log(logging.INFO if every else logging.DEBUG, "%s: pass %d/%d loss %.4f%s", s.desc, step + 1, s.steps, mean,
+                f" |g| {result.grad_norm:.3g}" if s.grad_clip is not None else "")
         if s.early_stop_loss is not None and mean < s.early_stop_loss:
             result.stopped_early = True
             break
