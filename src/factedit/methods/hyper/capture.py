@@ -1,0 +1,84 @@
+"""Capture (specs/hypernetwork.md §6, step 1): for each edited linear module, the keys U (its inputs) and the
+value gradients G (the gradient of the fine-tuning loss at its outputs) at the selected token positions, from one
+forward and one backward of the unedited model on the edit tuples (prompt + target, teacher-forced).
+
+Token sets: ``ans`` (MALMEN), the positions that *predict* a target token (the last prompt token and every target
+token but the last; labels are shifted); ``all`` (MEND's baseline), every non-padding position of prompt and
+target.
+
+The loss is each fact's mean target NLL, summed over facts: every fact weighs the same whatever its batch, so U
+and G do not depend on the LM mini-batch size, and memory does not grow with the number of facts (each mini-batch
+is captured and released). For ``all`` positions, Σ_rows g uᵀ is exactly the gradient of that loss with respect to
+the module's weight (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ...errors import FactEditError
+from ...lm.batch import make_batch
+from ...lm.hooks import TraceDict, forward_context
+from ...lm.load import LM
+from ...types import EditRequest
+from ..base import frozen
+
+TokenSet = Literal["ans", "all"]
+
+
+@dataclass
+class Captured:
+    """Per edited module (by dotted path): U (n, d_in) keys and G (n, d_out) value gradients, float32 on the
+    CPU; ``fact`` (n,) the request each row belongs to."""
+
+    U: dict[str, torch.Tensor]
+    G: dict[str, torch.Tensor]
+    fact: torch.Tensor
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.fact.shape[0])
+
+
+def _require_grad(out, _args):
+    """Make a frozen module's output a leaf that requires grad (the first edited module's output otherwise
+    carries no graph: every parameter is frozen), so that its gradient can be read."""
+    return out if out.requires_grad else out.detach().requires_grad_(True)
+
+
+def capture(lm: LM, requests: Sequence[EditRequest], modules: Sequence[str], tokens: TokenSet = "ans",
+            batch_size: int = 32) -> Captured:
+    """U and G of ``modules`` (paths of linear modules, e.g. MLP out-projections) for ``requests``."""
+    if tokens not in ("ans", "all"):
+        raise FactEditError(f"unknown token set '{tokens}' (ans or all)")
+    if not requests:
+        raise FactEditError("no edit requests to capture")
+    modules = list(modules)
+    U: dict[str, list] = {m: [] for m in modules}
+    G: dict[str, list] = {m: [] for m in modules}
+    facts = []
+    dev = lm.device
+    with lm.lock, frozen(lm), torch.enable_grad():  # no parameter gathers a gradient
+        for s in range(0, len(requests), batch_size):
+            chunk = requests[s : s + batch_size]
+            b = make_batch(lm, [r.prompt for r in chunk], [r.target_new for r in chunk])
+            labels = b.labels.to(dev)  # (B, T): the label each position predicts, -100 where none
+            with TraceDict(lm.model, modules, retain_input=True, retain_grad=True, edit_output=_require_grad) as td, \
+                    forward_context(b.prompt_lens):
+                logits = lm.model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
+                                  use_cache=False).logits  # (B, T, V)
+                logp = torch.log_softmax(logits.float(), -1)
+                valid = labels >= 0
+                tok = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * valid  # (B, T)
+                loss = -(tok.sum(1) / valid.sum(1).clamp(min=1)).sum()  # Σ_facts mean target NLL
+                loss.backward()
+            sel = valid if tokens == "ans" else b.attention_mask.to(dev).bool()  # (B, T)
+            for m in modules:
+                U[m].append(td[m].input.detach()[sel].float().cpu())  # (rows, d_in)
+                G[m].append(td[m].output.grad[sel].float().cpu())  # (rows, d_out)
+            facts.append((torch.arange(len(chunk), device=dev)[:, None].expand_as(sel)[sel] + s).cpu())
+    return Captured({m: torch.cat(v) for m, v in U.items()}, {m: torch.cat(v) for m, v in G.items()}, torch.cat(facts))
