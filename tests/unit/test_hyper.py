@@ -93,3 +93,41 @@ def test_mend_sum_and_value_differences():
     D = value_differences(U, Ut, Gt, 0.1)
     # token j's own rank-one shift changes its value by u_jᵀ(−η ũ_j g̃_jᵀ)
     assert torch.allclose(D[2], U[2] @ (-0.1 * torch.outer(Ut[2], Gt[2])), atol=1e-6)
+
+
+def test_running_norm_is_cumulative_and_ignores_single_rows():
+    from factedit.methods.hyper.nets import RunningNorm
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 6, generator=g) * 3 + 1
+    rn = RunningNorm(6)
+    with pytest.raises(FactEditError, match="fewer than two rows"):
+        rn(x)
+    for s in range(0, 50, 7):  # batches of 7 (the last of 1 is ignored)
+        rn.update(x[s : s + 7])
+    seen = x[:49]
+    assert int(rn.count) == 49
+    assert torch.allclose(rn.mean.float(), seen.mean(0), atol=1e-5)
+    assert torch.allclose(rn.std.float(), seen.std(0), atol=1e-5)
+    rn.update(x[:1] * 1e6)  # a one-row batch would poison the variance: ignored
+    assert int(rn.count) == 49
+
+
+def test_editor_net_starts_as_the_identity_and_trains_per_module():
+    from factedit.methods.hyper.nets import EditorNet
+
+    torch.manual_seed(0)
+    net = EditorNet(d_in=8, d_out=5, n_modules=3, rank=4)
+    g = torch.Generator().manual_seed(4)
+    u, v = torch.randn(10, 8, generator=g), torch.randn(10, 5, generator=g)
+    net.norm.update(torch.cat([u, v], -1))
+    ut, gt = net(u, v, 1)
+    x = net.norm(torch.cat([u, v], -1))
+    assert torch.allclose(torch.cat([ut, gt], -1), x, atol=1e-6)  # B = 0: the identity on normalised inputs
+    # a loss through the shift reaches the low-rank blocks, η and the per-module embeddings of that module only
+    S = -net.eta[1] * ut.T @ gt
+    (S.pow(2).sum() + ridge_solve(u, value_differences(u, ut, gt, net.eta[1]), net.lam(1)).sum()).backward()
+    assert net.B[0].grad.abs().sum() > 0 and net.eta.grad[1] != 0 and net.log_lam.grad[1] != 0
+    assert net.eta.grad[0] == 0 and float(net.scale.grad[:, 0].abs().sum()) == 0
+    with pytest.raises(FactEditError, match="out of range"):
+        net(u, v, 3)
