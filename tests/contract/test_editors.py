@@ -188,5 +188,13 @@ def test_a_bad_enum_value_is_refused_before_the_model_loads(method, tmp_path, mo
                 "--out", str(out)]
         assert cli.main(argv) == 2, key
         assert not out.exists()
+    import dataclasses
+    import typing
+
+    from factedit.config import POSITIVE
+
+    hints = typing.get_type_hints(cls.Config, include_extras=True)
+    positive = [f.name for f in dataclasses.fields(cls.Config) if POSITIVE in getattr(hints[f.name], "__metadata__", ())]
+    assert positive, method  # every method has a positive rate, step count or size
     with pytest.raises(FactEditError, match="out of range"):  # a numeric domain too
-        get_editor(method, None, **{"steps" if method in TRAINED else "v_steps": 0})
+        get_editor(method, None, **{positive[0]: 0})

@@ -131,3 +131,86 @@ def test_editor_net_starts_as_the_identity_and_trains_per_module():
     assert net.eta.grad[0] == 0 and float(net.scale.grad[:, 0].abs().sum()) == 0
     with pytest.raises(FactEditError, match="out of range"):
         net(u, v, 3)
+
+
+# ---- the editors -----------------------------------------------------------------------------------------------
+def _cases():
+    from factedit import EditRequest, EvalCase
+
+    raw = [("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", "Where is the Eiffel Tower ? It is in", "Big Ben is in"),
+           ("The capital of Italy is", "Italy", "London", "Rome", "Italy has the capital", "The capital of France is"),
+           ("Toko Yasuda plays the", "Toko Yasuda", "piano", "guitar", "Toko Yasuda is a musician who plays the",
+            "Who plays the"),
+           ("Apple was founded by", "Apple", "Bill Gates", "Steve Jobs", "The founder of Apple is", "Microsoft was founded by")]
+    return [EvalCase(EditRequest(p, s, n, t, case_id=i), paraphrase_prompts=(para,), neighborhood_prompts=(nb,))
+            for i, (p, s, n, t, para, nb) in enumerate(raw)]
+
+
+HYPER = dict(layers=(2, 3), rank=4, edit_batch=2, lm_batch=2, meta_lr=1e-2, eta_init=1e-2)
+
+
+@pytest.mark.parametrize("method", ["malmen", "mend"])
+def test_meta_training_moves_the_networks_and_the_edit_realises_the_value_differences(method, tmp_path):
+    from factedit import get_editor
+    from factedit.registry import get_editor_class
+
+    lm = tiny_lm("llama")
+    ed = get_editor(method, lm, **HYPER, lam_init=1e-8)
+    ed.build(lm)
+    init = {k: v.clone() for n in ed.nets.values() for k, v in n.state_dict().items()}
+    metrics = ed.fit(lm, _cases())
+    assert metrics["meta_steps"] == 2 and metrics["grad_norm"] > 0 and torch.isfinite(torch.tensor(metrics["meta_loss"]))
+    after = {k: v for n in ed.nets.values() for k, v in n.state_dict().items()}
+    assert any(not torch.equal(init[k], after[k]) for k in init if "norm" not in k)  # meta-training moved θ
+    reqs = [c.request for c in _cases()[:3]]
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    flags = [p.requires_grad for p in lm.model.parameters()]
+    patch = ed.compute(lm, reqs)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())  # compute is pure
+    assert [p.requires_grad for p in lm.model.parameters()] == flags
+    cap = ed._capture(lm, reqs)
+    for path, (name, i) in ed.slots.items():
+        net = ed.nets[name]
+        with torch.no_grad():
+            ut, gt = net(cap.U[path], cap.G[path], i)
+            D = value_differences(cap.U[path], ut, gt, net.eta[i])
+        S = patch.deltas[f"{path}.weight"].materialise().T  # (d_in, d_out)
+        if method == "malmen":  # fewer rows than inputs, λ → 0: every token's value change is realised
+            assert cap.n_rows < cap.U[path].shape[1]
+            assert torch.allclose(cap.U[path] @ S, D, rtol=1e-3, atol=1e-4 * float(D.abs().max())), path
+        else:  # MEND: the sum of the rank-one shifts
+            assert torch.allclose(S, mend_sum(ut, gt, net.eta[i]), rtol=1e-5, atol=1e-8), path
+    ed.save_pretrained(tmp_path / "ed")
+    back = get_editor_class(method).from_pretrained(tmp_path / "ed", lm)
+    again = back.compute(lm, reqs)
+    assert all(torch.equal(again.deltas[k].materialise(), patch.deltas[k].materialise()) for k in patch.deltas)
+
+
+def test_meta_training_resumes_after_a_kill_to_the_same_networks(tmp_path, monkeypatch):
+    from factedit import get_editor
+    from factedit.methods import train as trainmod
+
+    def fit(ckpt):
+        lm = tiny_lm("llama")
+        ed = get_editor("malmen", lm, **HYPER, epochs=2)
+        ed.fit(lm, _cases(), checkpoint=ckpt)
+        return {f"{n}.{k}": v for n, net in ed.nets.items() for k, v in net.state_dict().items()}
+
+    want = fit(None)
+    real = trainmod.save_checkpoint
+    n = {"saves": 0}
+
+    def die(*a, **k):
+        real(*a, **k)
+        n["saves"] += 1
+        if n["saves"] == 3:  # inside the second pass, after its first edit batch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainmod, "save_checkpoint", die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "ckpt")
+    monkeypatch.setattr(trainmod, "save_checkpoint", real)
+    got = fit(tmp_path / "ckpt")
+    assert want.keys() == got.keys()
+    for k in want:  # the normalisers' running statistics included
+        assert torch.equal(want[k], got[k]), k

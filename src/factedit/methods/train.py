@@ -36,7 +36,7 @@ class TrainSettings:
     grad_clip: float | None = None  # max global gradient norm (None: no clipping)
     early_stop_loss: float | None = None  # stop once a pass's mean loss is below this
     desc: str = "train"
-    checkpoint_every: int = 0  # passes between checkpoints (0: only at the end)
+    checkpoint_every: int = 0  # optimiser steps (batches) between checkpoints (0: at the end only)
     log_every: int = 0  # passes between INFO log lines with the loss (0: DEBUG only; trained editors log)
 
 
@@ -86,17 +86,19 @@ def _load_state(params: Sequence[torch.Tensor], opt: torch.optim.Optimizer, tens
             opt.state[p] = st
 
 
-def save_checkpoint(path: Path, params, opt, done: int, history: list[float], extra: dict | None = None) -> None:
+def save_checkpoint(path: Path, params, opt, done: int, history: list[float], extra: dict | None = None,
+                    state: Sequence[torch.Tensor] = ()) -> None:
     from safetensors.torch import save_file
 
     tensors, meta = _flat_state(params, opt)
+    tensors.update({f"state.{i}": t.detach().contiguous().cpu() for i, t in enumerate(state)})
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"done": done, "history": history, "extra": extra or {},
                                                      **meta}, default=float))
 
 
-def load_checkpoint(path: Path, params, opt) -> tuple[int, list[float], dict] | None:
+def load_checkpoint(path: Path, params, opt, state: Sequence[torch.Tensor] = ()) -> tuple[int, list[float], dict] | None:
     from safetensors.torch import load_file
 
     files = (path / "state.json", path / "state.safetensors")
@@ -107,6 +109,9 @@ def load_checkpoint(path: Path, params, opt) -> tuple[int, list[float], dict] | 
     if sum(k.startswith("param.") for k in tensors) != len(params):
         raise FactEditError(f"checkpoint {path} holds another set of parameters; remove it to start again")
     _load_state(params, opt, tensors, meta)
+    with torch.no_grad():
+        for i, t in enumerate(state):
+            t.copy_(tensors[f"state.{i}"].to(t.device))
     return int(meta["done"]), list(meta["history"]), meta.get("extra", {})
 
 
@@ -114,30 +119,35 @@ def load_checkpoint(path: Path, params, opt) -> tuple[int, list[float], dict] | 
 def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: Callable[[Any], torch.Tensor],
                s: TrainSettings, *, weights: Sequence[float] | None = None,
                project: Callable[[], None] | None = None, checkpoint: Path | None = None,
-               progress: bool = True) -> TrainResult:
+               state: Sequence[torch.Tensor] = (), progress: bool = True) -> TrainResult:
     """Minimise ``loss_fn(batch)`` over ``params``, ``s.steps`` passes over ``batches``.
 
     weights: each batch's share in a pass's mean loss (e.g. its number of rows; default equal);
-    project: called after every optimiser step (under no_grad) to project the parameters."""
+    project: called after every optimiser step (under no_grad) to project the parameters;
+    state: tensors that are not optimised but change during training (e.g. a running normaliser's buffers),
+    saved and restored with the checkpoint. A checkpoint may fall inside a pass: a resumed run continues at the
+    next batch, with the pass's running loss, and ends with the same tensors as an uninterrupted one."""
     params = list(params)
     opt = make_optimizer(params, s)
     w = list(weights) if weights is not None else [1.0] * len(batches)
-    done, history = 0, []
+    done, history, start_batch, carried = 0, [], 0, 0.0
     if checkpoint is not None:
-        got = load_checkpoint(checkpoint, params, opt)
+        got = load_checkpoint(checkpoint, params, opt, state)
         if got is not None:
-            done, history, _ = got
-            log.info("%s: resuming after pass %d from %s", s.desc, done, checkpoint)
+            done, history, extra = got
+            start_batch, carried = int(extra.get("batch", 0)), float(extra.get("total", 0.0))
+            log.info("%s: resuming at pass %d, batch %d from %s", s.desc, done + 1, start_batch, checkpoint)
     result = TrainResult(steps=done, loss=history[-1] if history else float("nan"), history=history)
     if result.history and s.early_stop_loss is not None and result.loss < s.early_stop_loss:
         result.stopped_early = True
         return result
+    n_opt = 0
     bar = tqdm(range(done, s.steps), desc=s.desc, leave=False, disable=None if progress else True)
     for step in bar:
-        total = 0.0
-        for batch, wb in zip(batches, w):
+        total = carried if step == done else 0.0
+        for bi in range(start_batch if step == done else 0, len(batches)):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(batch)
+            loss = loss_fn(batches[bi])
             loss.backward()
             if s.grad_clip is not None:
                 result.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
@@ -145,7 +155,11 @@ def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: 
             if project is not None:
                 with torch.no_grad():
                     project()
-            total += float(loss.detach()) * wb
+            total += float(loss.detach()) * w[bi]
+            n_opt += 1
+            if checkpoint is not None and s.checkpoint_every and n_opt % s.checkpoint_every == 0 \
+                    and bi + 1 < len(batches):
+                save_checkpoint(checkpoint, params, opt, step, history, {"batch": bi + 1, "total": total}, state)
         mean = total / sum(w)
         if not math.isfinite(mean):
             raise FactEditError(f"{s.desc}: the loss is not finite at pass {step + 1}; lower the learning rate")
@@ -161,9 +175,9 @@ def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: 
         if s.early_stop_loss is not None and mean < s.early_stop_loss:
             result.stopped_early = True
             break
-        if checkpoint is not None and s.checkpoint_every and (step + 1) % s.checkpoint_every == 0:
-            save_checkpoint(checkpoint, params, opt, step + 1, history)
+        if checkpoint is not None and s.checkpoint_every:
+            save_checkpoint(checkpoint, params, opt, step + 1, history, {}, state)
     bar.close()
     if checkpoint is not None:
-        save_checkpoint(checkpoint, params, opt, result.steps, history)
+        save_checkpoint(checkpoint, params, opt, result.steps, history, {}, state)
     return result
