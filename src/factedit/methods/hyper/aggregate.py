@@ -49,3 +49,13 @@ def ridge_solve(U: torch.Tensor, D: torch.Tensor, lam: torch.Tensor | float, for
         L = torch.linalg.cholesky(A)
         return Ud.T @ torch.cholesky_solve(Dd, L)  # (d_in, d_out)
     raise FactEditError(f"unknown solve form '{form}' (primal, dual or auto)")
+
+
+def ridge_factors(U: torch.Tensor, D: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
+    """M (n, d_out) with S* = Uᵀ M: the dual form kept factored (S* has rank ≤ n), float64."""
+    lam_t = torch.as_tensor(lam, dtype=torch.float64, device=U.device)
+    if not bool(lam_t > 0):
+        raise FactEditError("ridge solve: λ must be positive")
+    Ud = U.double()
+    A = Ud @ Ud.T + lam_t * torch.eye(Ud.shape[0], dtype=torch.float64, device=U.device)  # (n, n)
+    return torch.cholesky_solve(D.double(), torch.linalg.cholesky(A))

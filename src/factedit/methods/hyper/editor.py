@@ -35,7 +35,7 @@ from ...patch.weights import Delta, WeightPatch
 from ...types import EditRequest, EvalCase
 from ..train import TrainSettings, train_loop
 from ..trained import TrainedEditor
-from .aggregate import mend_sum, ridge_solve, value_differences
+from .aggregate import mend_sum, ridge_factors, ridge_solve, value_differences
 from .capture import capture
 from .nets import EditorNet
 
@@ -120,14 +120,34 @@ class HyperEditor(TrainedEditor):
     def _capture(self, lm: LM, requests) -> object:
         return capture(lm, requests, list(self.slots), self.config.tokens, self.config.lm_batch)
 
+    def _factors(self, cap) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per module, (L, R) with S = Lᵀ R: L (n, d_in), R (n, d_out). MALMEN: L = U, R = (UUᵀ + λI)⁻¹ D (the
+        dual form); MEND: L = −η Ũ, R = G̃. S has rank ≤ n."""
+        out = {}
+        with torch.no_grad():
+            for path, (name, i) in self.slots.items():
+                net = self.nets[name]
+                U, G = cap.U[path], cap.G[path]
+                ut, gt = net(U, G, i)
+                if self.aggregation == "ridge":
+                    M = ridge_factors(U, value_differences(U, ut, gt, net.eta[i]), net.lam(i))
+                    out[path] = (U.double(), M)
+                else:
+                    out[path] = (-net.eta[i] * ut, gt)
+        return out
+
     def _compute(self, lm: LM, requests: list[EditRequest]) -> WeightPatch:
         cap = self._capture(lm, requests)
-        with torch.no_grad():
-            S = self.shifts(cap)
         deltas = {}
-        for path, s in S.items():
+        for path, (L, R) in self._factors(cap).items():
             w = lm.model.get_submodule(path).weight
-            deltas[f"{path}.weight"] = Delta(dense=(s.T if lm.arch.layout == "linear" else s).to(w.dtype).contiguous())
+            n, d_in, d_out = L.shape[0], L.shape[1], R.shape[1]
+            if n * (d_in + d_out) < d_in * d_out:  # kept factored: ΔW = u vᵀ in the module's layout
+                a, b = R.T.to(w.dtype).contiguous(), L.T.to(w.dtype).contiguous()  # (d_out, n), (d_in, n)
+                deltas[f"{path}.weight"] = Delta(u=a, v=b) if lm.arch.layout == "linear" else Delta(u=b, v=a)
+            else:
+                S = (L.T.double() @ R.double()).to(w.dtype)  # (d_in, d_out)
+                deltas[f"{path}.weight"] = Delta(dense=(S.T if lm.arch.layout == "linear" else S).contiguous())
         return WeightPatch(method=self.name, config=self.config_dict(), base_fingerprint=lm.fingerprint,
                            requests=list(requests), meta={"preset": self.preset, "rows": cap.n_rows}, deltas=deltas)
 
