@@ -66,7 +66,12 @@ class Editor(ABC):
 
     def check_config(self, lm: LM) -> None:
         """Settings that depend on the model, checked right after the config is read (before statistics,
-        evaluation or editing): every ``layer`` / ``layers`` value must be a layer of ``lm``."""
+        evaluation or editing)."""
+        self.check_layers(lm)
+
+    def check_layers(self, lm: LM) -> None:
+        """Every ``layer`` / ``layers`` value must be a layer of ``lm`` (at creation, and again in ``validate``
+        for editors constructed directly)."""
         c = self.config
         if hasattr(c, "layer"):
             lm.check_layers([c.layer], f"{self.name} layer")
@@ -79,7 +84,8 @@ class Editor(ABC):
         return cfgmod.to_dict(self.config)
 
     def validate(self, lm: LM, requests: Sequence[EditRequest]) -> list[EditRequest]:
-        """Reject bad requests before any model work, naming the record."""
+        """Reject bad requests (and layers the model lacks) before any model work, naming the record."""
+        self.check_layers(lm)
         if not requests:
             raise FactEditError("no edit requests given")
         out = []

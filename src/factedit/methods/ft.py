@@ -43,7 +43,6 @@ class FTEditor(Editor):
 
     def _compute(self, lm: LM, requests: list[EditRequest]) -> WeightPatch:
         c = self.config
-        lm.check_layers([c.layer])
         path = lm.arch.mlp_out_path(c.layer)
         module = lm.model.get_submodule(path)
         delta = torch.zeros_like(module.weight, dtype=torch.float32, requires_grad=True)  # module layout

@@ -94,7 +94,6 @@ class LoReFTEditor(Editor):
 
     def _compute(self, lm: LM, requests: list[EditRequest]) -> ModulePatch:
         c = self.config
-        lm.check_layers(list(c.layers), "intervention layer")
         sites = [Placement(Site("block_output", int(layer)), positions=c.positions) for layer in c.layers]
         gen = torch.random.fork_rng(devices=[])
         with gen:

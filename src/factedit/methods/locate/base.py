@@ -140,13 +140,6 @@ class LocateEditor(Editor):
                  "mom2_corpus / mom2_tokens / mom2_max_len to choose others", self.name, h["corpus"], h["tokens"],
                  h["max_len"], self.edit_layers())
 
-    def _validate_config(self, lm: LM) -> None:
-        lm.check_layers(self.edit_layers(), "edit layer")
-
-    def validate(self, lm: LM, requests):
-        self._validate_config(lm)
-        return super().validate(lm, requests)
-
     @staticmethod
     def _weight(lm: LM, layer: int) -> tuple[str, torch.nn.Parameter]:
         name = f"{lm.arch.mlp_out_path(layer)}.weight"

@@ -36,8 +36,8 @@ class ROMEEditor(LocateEditor):
     Config = ROMEConfig
     accumulates = False
 
-    def _validate_config(self, lm):
-        super()._validate_config(lm)
+    def check_layers(self, lm):
+        super().check_layers(lm)
         if len(self.config.layers) != 1:
             raise FactEditError(f"rome edits exactly one layer; got layers {list(self.config.layers)}")
 
