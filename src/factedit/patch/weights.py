@@ -63,23 +63,24 @@ class WeightStack:
         self.applied.remove(handle)
         for name, p in handle.params.items():
             p.copy_(self.base[name])
-            rest = [h for h in self.applied if name in h.params]
-            for h in rest:
-                p.add_(h.delta(name))
-            if all(h.is_merged for h in rest):  # nothing left that could be reverted here
-                del self.base[name]
-                for h in rest:
-                    h.params.pop(name)
-        self.applied = [h for h in self.applied if h.params]
+            for h in self.applied:
+                if name in h.params:
+                    p.add_(h.delta(name))
+        self._settle(list(handle.params))
 
     def merged(self, handle: WeightHandle) -> None:
-        """``handle``'s change is kept for good: where only merged patches touch a parameter, its base copy is
-        dropped (its current value becomes the new base)."""
-        for name in list(handle.params):
-            if all(h.is_merged for h in self.applied if name in h.params):
+        """``handle``'s change is kept for good."""
+        self._settle(list(handle.params))
+
+    def _settle(self, names: list[str]) -> None:
+        """Where only merged patches still touch a parameter, nothing there can be reverted any more: its base copy
+        is dropped (its current value is the new base) and the merged handles forget it."""
+        for name in names:
+            touching = [h for h in self.applied if name in h.params]
+            if all(h.is_merged for h in touching):
                 self.base.pop(name, None)
-                for h in self.applied:
-                    h.params.pop(name, None)
+                for h in touching:
+                    h.params.pop(name)
         self.applied = [h for h in self.applied if h.params]
 
 
