@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 
 from ...errors import FactEditError
-from ...lm.batch import make_batch
-from ...lm.hooks import TraceDict, forward_context
+from ...lm.batch import make_batch, target_nll
+from ...lm.hooks import TraceDict
 from ...lm.load import LM
 from ...types import EditRequest
 from ..base import frozen
@@ -66,17 +66,10 @@ def capture(lm: LM, requests: Sequence[EditRequest], modules: Sequence[str], tok
         for s in range(0, len(requests), batch_size):
             chunk = requests[s : s + batch_size]
             b = make_batch(lm, [r.prompt for r in chunk], [r.target_new for r in chunk])
-            labels = b.labels.to(dev)  # (B, T): the label each position predicts, -100 where none
-            with TraceDict(lm.model, modules, retain_input=True, retain_grad=True, edit_output=_require_grad) as td, \
-                    forward_context(b.prompt_lens):
-                logits = lm.model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
-                                  use_cache=False).logits  # (B, T, V)
-                logp = torch.log_softmax(logits.float(), -1)
-                valid = labels >= 0
-                tok = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * valid  # (B, T)
-                loss = -(tok.sum(1) / valid.sum(1).clamp(min=1)).sum()  # Σ_facts mean target NLL
-                loss.backward()
-            sel = valid if tokens == "ans" else b.attention_mask.to(dev).bool()  # (B, T)
+            with TraceDict(lm.model, modules, retain_input=True, retain_grad=True, edit_output=_require_grad) as td:
+                target_nll(lm, b).sum().backward()  # Σ_facts mean target NLL
+            # (B, T): the positions that predict a target token (labels are -100 elsewhere), or every real one
+            sel = (b.labels >= 0).to(dev) if tokens == "ans" else b.attention_mask.to(dev).bool()
             for m in modules:
                 U[m].append(td[m].input.detach()[sel].float().cpu())  # (rows, d_in)
                 G[m].append(td[m].output.grad[sel].float().cpu())  # (rows, d_out)
