@@ -104,49 +104,38 @@ class HyperEditor(TrainedEditor):
     def modules(self) -> dict[str, nn.Module]:
         return dict(self.nets)
 
+    def _shift(self, path: str, cap, factored: bool = False):
+        """Module ``path``'s shift from the captured U, G: S (d_in, d_out), or with ``factored`` the pair (L, R)
+        with S = Lᵀ R of rank ≤ n (MALMEN: L = U, R = (UUᵀ + λI)⁻¹ D, the dual form; MEND: L = −η Ũ, R = G̃)."""
+        name, i = self.slots[path]
+        net = self.nets[name]
+        U, G = cap.U[path], cap.G[path]  # (n, d_in), (n, d_out)
+        ut, gt = net(U, G, i)
+        if self.aggregation == "ridge":
+            D = value_differences(U, ut, gt, net.eta[i])
+            return (U.double(), ridge_factors(U, D, net.lam(i))) if factored else ridge_solve(U, D, net.lam(i)).float()
+        return (-net.eta[i] * ut, gt) if factored else mend_sum(ut, gt, net.eta[i])
+
     def shifts(self, cap) -> dict[str, torch.Tensor]:
         """One shift S (d_in, d_out) per edited module from the captured U, G."""
-        out = {}
-        for path, (name, i) in self.slots.items():
-            net = self.nets[name]
-            U, G = cap.U[path], cap.G[path]  # (n, d_in), (n, d_out)
-            ut, gt = net(U, G, i)
-            if self.aggregation == "ridge":
-                out[path] = ridge_solve(U, value_differences(U, ut, gt, net.eta[i]), net.lam(i)).float()
-            else:
-                out[path] = mend_sum(ut, gt, net.eta[i])
-        return out
+        return {path: self._shift(path, cap) for path in self.slots}
 
     def _capture(self, lm: LM, requests) -> object:
         return capture(lm, requests, list(self.slots), self.config.tokens, self.config.lm_batch)
 
-    def _factors(self, cap) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per module, (L, R) with S = Lᵀ R: L (n, d_in), R (n, d_out). MALMEN: L = U, R = (UUᵀ + λI)⁻¹ D (the
-        dual form); MEND: L = −η Ũ, R = G̃. S has rank ≤ n."""
-        out = {}
-        with torch.no_grad():
-            for path, (name, i) in self.slots.items():
-                net = self.nets[name]
-                U, G = cap.U[path], cap.G[path]
-                ut, gt = net(U, G, i)
-                if self.aggregation == "ridge":
-                    M = ridge_factors(U, value_differences(U, ut, gt, net.eta[i]), net.lam(i))
-                    out[path] = (U.double(), M)
-                else:
-                    out[path] = (-net.eta[i] * ut, gt)
-        return out
-
+    @torch.no_grad()
     def _compute(self, lm: LM, requests: list[EditRequest]) -> WeightPatch:
         cap = self._capture(lm, requests)
         deltas = {}
-        for path, (L, R) in self._factors(cap).items():
+        for path in self.slots:
             w = lm.model.get_submodule(path).weight
-            n, d_in, d_out = L.shape[0], L.shape[1], R.shape[1]
+            n, d_in, d_out = cap.n_rows, cap.U[path].shape[1], cap.G[path].shape[1]
             if n * (d_in + d_out) < d_in * d_out:  # kept factored: ΔW = u vᵀ in the module's layout
+                L, R = self._shift(path, cap, factored=True)
                 a, b = R.T.to(w.dtype).contiguous(), L.T.to(w.dtype).contiguous()  # (d_out, n), (d_in, n)
                 deltas[f"{path}.weight"] = Delta(u=a, v=b) if lm.arch.layout == "linear" else Delta(u=b, v=a)
             else:
-                S = (L.T.double() @ R.double()).to(w.dtype)  # (d_in, d_out)
+                S = self._shift(path, cap).to(w.dtype)  # (d_in, d_out)
                 deltas[f"{path}.weight"] = Delta(dense=(S.T if lm.arch.layout == "linear" else S).contiguous())
         return WeightPatch(method=self.name, config=self.config_dict(), base_fingerprint=lm.fingerprint,
                            requests=list(requests), meta={"preset": self.preset, "rows": cap.n_rows}, deltas=deltas)
