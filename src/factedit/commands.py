@@ -100,7 +100,7 @@ def cmd_edit(args) -> int:
     out = Path(args.out)
     on = list(args.on or [])
     state_dir = Path(args.state) if args.state else None
-    stream = EditStream(state_dir, cls(cfgmod.build(cls.Config, m_over))) if state_dir else None
+    stream = EditStream(state_dir, cls.name) if state_dir else None
     tag = {"state": str(state_dir.resolve()), "round": len(on) + 1} if state_dir else None
     if out.exists() and any(out.iterdir()) and not args.overwrite and not (stream and stream.is_unfinished(out, tag)):
         raise FactEditError(f"output folder '{out}' exists and is not empty (use --overwrite)")
@@ -115,8 +115,7 @@ def cmd_edit(args) -> int:
         raise FactEditError(f"{args.method} remembers earlier rounds (their accumulated keys): editing on top of "
                             "--on patches needs --state DIR, the folder those rounds wrote")
     if stream is not None:
-        stream.editor = editor
-        stream.restore(lm)
+        stream.restore(lm, editor)
     with contextlib.ExitStack() as applied:  # the --on patches, reverted in reverse order on the way out
         for path, p in zip(on, earlier):
             if p.method != args.method:
@@ -131,10 +130,9 @@ def cmd_edit(args) -> int:
         patch.save(out)
         if stream is not None:  # the patch is saved first (see factedit.stream)
             stream.commit(patch, out, lm)
-    chain = stream.chain[:-1] if stream else []
     where = f" on top of {len(on)} earlier round(s)" if on else ""
     print(f"{len(requests)} facts edited with {args.method}{where} in {dt:.1f} s ({patch.n_params():,} patch "
-          f"parameters); patch saved to {out}" + (f"; state in {state_dir} (round {len(chain) + 1})" if state_dir else ""))
+          f"parameters); patch saved to {out}" + (f"; state in {state_dir} (round {stream.n_rounds})" if stream else ""))
     return 0
 
 

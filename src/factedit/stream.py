@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 
 class EditStream:
-    def __init__(self, state_dir: Path, editor: Editor, what: str = "--state") -> None:
-        self.dir, self.editor, self.what = Path(state_dir), editor, what
+    def __init__(self, state_dir: Path, method: str, what: str = "--state") -> None:
+        """The stream of ``method`` edits in ``state_dir``; its rounds can be checked before any model loads, and
+        ``restore`` binds the editor that continues it."""
+        self.dir, self.method, self.what = Path(state_dir), method, what
+        self.editor: Editor | None = None
         self.record = self._read()
 
     # ---- the record ------------------------------------------------------------------------------------
@@ -65,9 +68,9 @@ class EditStream:
                 raise FactEditError(f"{self.what} {self.dir} does not exist, but {source} gives {len(digests)} "
                                     "earlier round(s): pass the state folder those rounds wrote")
             return
-        if rec.get("method") != self.editor.name:
+        if rec.get("method") != self.method:
             raise FactEditError(f"{self.what} {self.dir} holds a stream of {rec.get('method')} edits, "
-                                f"not {self.editor.name}")
+                                f"not {self.method}")
         saved = rec.get("chain")
         if not isinstance(saved, list):
             raise FactEditError(f"{self.what} {self.dir} has no round list; start a new state folder")
@@ -84,7 +87,7 @@ class EditStream:
                 raise FactEditError(f"{self.what} {self.dir}: {why}; {source} must list the patches this state "
                                     "committed, in order")
 
-    def check_model(self, lm: LM) -> None:
+    def check_model(self, lm: LM, editor: Editor) -> None:
         """Refuse a state of another base model or accumulated with other state-defining settings."""
         rec = self.record
         if rec is None:
@@ -92,20 +95,24 @@ class EditStream:
         if rec.get("base_fingerprint") != lm.fingerprint:
             raise FactEditError(f"{self.what} {self.dir} belongs to a model with fingerprint "
                                 f"{rec.get('base_fingerprint')}, not {lm.name} ({lm.fingerprint})")
-        now, old = self.editor.config_dict(), rec.get("config", {})
-        bad = [k for k in self.editor.STATE_KEYS if old.get(k) != now.get(k)]
+        now, old = editor.config_dict(), rec.get("config", {})
+        bad = [k for k in editor.STATE_KEYS if old.get(k) != now.get(k)]
         if bad:
             raise FactEditError(f"{self.what} {self.dir} was accumulated with other {', '.join(bad)} "
                                 f"({', '.join(f'{k}={old.get(k)}' for k in bad)}); start a new state folder")
         changed = sorted(k for k in now if k in old and old[k] != now[k])
         if changed:
-            log.warning("%s: config differs from the earlier rounds' in %s", self.editor.name, ", ".join(changed))
+            log.warning("%s: config differs from the earlier rounds' in %s", editor.name, ", ".join(changed))
 
-    def restore(self, lm: LM) -> int:
-        """Check the state against the model and load it into the editor; the number of committed rounds."""
-        self.check_model(lm)
+    def restore(self, lm: LM, editor: Editor) -> int:
+        """Check the state against the model and the editor, load it into the editor, and bind the editor to the
+        stream; the number of committed rounds."""
+        if editor.name != self.method:
+            raise FactEditError(f"{self.what} {self.dir}: a {self.method} stream cannot be continued by {editor.name}")
+        self.check_model(lm, editor)
         if self.record is not None:
-            self.editor.load_state(self.dir)
+            editor.load_state(self.dir)
+        self.editor = editor
         return self.n_rounds
 
     def is_unfinished(self, patch_dir: Path, tag: dict[str, Any]) -> bool:
@@ -120,6 +127,8 @@ class EditStream:
     def commit(self, patch: Patch, patch_dir: Path, lm: LM, **extra: Any) -> None:
         """Commit a saved round: the editor takes the patch's commit data, the state is saved with the chain
         extended by the patch's digest."""
+        if self.editor is None:
+            raise FactEditError(f"{self.what} {self.dir}: restore() the stream with its editor before committing")
         digest = patch_digest(patch_dir)
         self.editor.commit(patch)
         n_facts = (self.record or {}).get("n_facts", 0) + len(patch.requests)

@@ -215,12 +215,12 @@ class Runner:
     def _stream(self) -> EditStream:
         """The sequential stream of this run folder (its editor state), restored into the editor; its committed
         rounds must be the saved rounds/ patches, in order."""
-        stream = EditStream(self.out / "editor_state", self.editor, what="editor state")
+        stream = EditStream(self.out / "editor_state", self.editor.name, what="editor state")
         rec = stream.record
         if rec is not None and "chain" not in rec:  # folders written before the stream protocol: rounds 0..round
             rec["chain"] = [patch_digest(self.out / f"rounds/{r:04d}") for r in range(int(rec.get("round", -1)) + 1)]
             rec["base_fingerprint"] = self.lm.fingerprint
-        n = stream.restore(self.lm)
+        n = stream.restore(self.lm, self.editor)
         stream.check_rounds([patch_digest(self.out / f"rounds/{r:04d}") for r in range(n)], source="rounds/")
         if n:
             log.info("sequential: editor state restored after %d round(s)", n)
