@@ -34,6 +34,34 @@ def write_json(path, obj: Any) -> None:
         json.dump(obj, f, indent=1, default=str)
 
 
+def write_bundle(path, tensors: dict, record: dict, name: str = "state", *, metadata: dict | None = None,
+                 json_default=str) -> None:
+    """Write folder ``path`` holding ``<name>.safetensors`` (the tensors) and ``<name>.json`` (the record),
+    atomically: editor states, training checkpoints and trained editors. No pickle."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(Path(path)) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"),
+                  metadata=metadata)
+        (tmp / f"{name}.json").write_text(json.dumps(record, indent=1, default=json_default))
+
+
+def read_bundle(path, name: str = "state") -> tuple[dict, dict] | None:
+    """(tensors, record) of a folder written by ``write_bundle``, or None when either file is missing."""
+    from safetensors.torch import load_file
+
+    files = (Path(path) / f"{name}.json", Path(path) / f"{name}.safetensors")
+    if not all(f.is_file() for f in files):
+        return None
+    try:
+        record = json.loads(files[0].read_text())
+    except ValueError as e:
+        from .errors import FactEditError
+
+        raise FactEditError(f"{files[0]}: not valid JSON ({e})") from None
+    return load_file(str(files[1])), record
+
+
 def read_jsonl(path) -> list[dict]:
     """Records of a JSON Lines file; a torn last line (interrupted write) is dropped and truncated."""
     path = Path(path)

@@ -16,6 +16,7 @@ import torch
 
 from .. import config as cfgmod
 from ..errors import FactEditError
+from ..fsutil import read_bundle, write_bundle
 from ..lm.load import LM
 from ..lm.tokens import subject_last_index
 from ..patch.base import Handle, Patch
@@ -142,31 +143,16 @@ class Editor(ABC):
 
     def save_state(self, path, **extra: Any) -> None:
         """Write the sequential state to folder ``path`` (safetensors + JSON), atomically."""
-        import json
-
-        from safetensors.torch import save_file
-
-        from ..fsutil import atomic_dir
-
         tensors, meta = self.state_dict()
-        with atomic_dir(path) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-            (tmp / "state.json").write_text(json.dumps({"method": self.name, "config": self.config_dict(),
-                                                         **extra, "meta": meta}, indent=1, default=str))
+        write_bundle(path, tensors, {"method": self.name, "config": self.config_dict(), **extra, "meta": meta})
 
     def load_state(self, path) -> dict[str, Any]:
         """Restore the state saved by ``save_state``; returns the JSON record (with the ``extra`` keys)."""
-        import json
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        files = (path / "state.json", path / "state.safetensors")
-        if not all(f.exists() for f in files):
+        got = read_bundle(path)
+        if got is None:
             raise FactEditError(f"editor state folder '{path}' is incomplete")
-        rec = json.loads(files[0].read_text())
+        tensors, rec = got
         if rec.get("method") != self.name:
             raise FactEditError(f"editor state in '{path}' is for method '{rec.get('method')}', not '{self.name}'")
-        self.load_state_dict(load_file(str(files[1])), rec.get("meta", {}))
+        self.load_state_dict(tensors, rec.get("meta", {}))
         return rec

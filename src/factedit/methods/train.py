@@ -10,7 +10,6 @@ written atomically) so that a killed run resumes to the same final tensors.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import FactEditError
-from ..fsutil import atomic_dir
+from ..fsutil import read_bundle, write_bundle
 
 log = logging.getLogger(__name__)
 
@@ -88,24 +87,16 @@ def _load_state(params: Sequence[torch.Tensor], opt: torch.optim.Optimizer, tens
 
 def save_checkpoint(path: Path, params, opt, done: int, history: list[float], extra: dict | None = None,
                     state: Sequence[torch.Tensor] = ()) -> None:
-    from safetensors.torch import save_file
-
     tensors, meta = _flat_state(params, opt)
-    tensors.update({f"state.{i}": t.detach().contiguous().cpu() for i, t in enumerate(state)})
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"done": done, "history": history, "extra": extra or {},
-                                                     **meta}, default=float))
+    tensors.update({f"state.{i}": t for i, t in enumerate(state)})
+    write_bundle(path, tensors, {"done": done, "history": history, "extra": extra or {}, **meta}, json_default=float)
 
 
 def load_checkpoint(path: Path, params, opt, state: Sequence[torch.Tensor] = ()) -> tuple[int, list[float], dict] | None:
-    from safetensors.torch import load_file
-
-    files = (path / "state.json", path / "state.safetensors")
-    if not all(f.exists() for f in files):
+    got = read_bundle(path)
+    if got is None:
         return None
-    meta = json.loads(files[0].read_text())
-    tensors = load_file(str(files[1]))
+    tensors, meta = got
     if sum(k.startswith("param.") for k in tensors) != len(params):
         raise FactEditError(f"checkpoint {path} holds another set of parameters; remove it to start again")
     _load_state(params, opt, tensors, meta)

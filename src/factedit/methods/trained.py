@@ -22,13 +22,14 @@ from torch import nn
 
 from .. import config as cfgmod
 from ..errors import FactEditError, FingerprintMismatch
-from ..fsutil import atomic_dir
+from ..fsutil import read_bundle, write_bundle
 from ..lm.load import LM
 from ..types import EvalCase
 from .base import Editor, frozen
 
 ARTIFACT_VERSION = 1
-MANIFEST, TENSORS = "editor.json", "editor.safetensors"
+NAME = "editor"  # the artifact folder holds editor.json and editor.safetensors (fsutil.write_bundle)
+MANIFEST, TENSORS = f"{NAME}.json", f"{NAME}.safetensors"
 
 
 def data_digest(cases: list[EvalCase]) -> str:
@@ -82,33 +83,23 @@ class TrainedEditor(Editor):
 
     # ---- the artifact ---------------------------------------------------------------------------------------
     def save_pretrained(self, path) -> Path:
-        from safetensors.torch import save_file
-
         if self.trained is None:
             raise FactEditError(f"{self.name}: nothing to save, the editor is not trained")
-        tensors = {f"{name}::{k}": v.detach().contiguous().cpu()
-                   for name, m in self.modules().items() for k, v in m.state_dict().items()}
+        tensors = {f"{name}::{k}": v for name, m in self.modules().items() for k, v in m.state_dict().items()}
         manifest = {"format_version": ARTIFACT_VERSION, "method": self.name, "config": self.config_dict(),
                     "preset": self.preset, **{k: v for k, v in self.trained.items() if k != "forced"}}
-        with atomic_dir(Path(path)) as tmp:
-            save_file(tensors, str(tmp / TENSORS), metadata={"format": "factedit-editor"})
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        write_bundle(path, tensors, manifest, NAME, metadata={"format": "factedit-editor"})
         return Path(path)
 
     @classmethod
     def from_pretrained(cls, path, lm: LM, overrides: dict[str, Any] | None = None,
                         force: bool = False) -> TrainedEditor:
         """The editor saved in ``path``, for ``lm``; ``overrides`` change config keys that training did not fix."""
-        from safetensors.torch import load_file
-
         path = Path(path)
-        files = (path / MANIFEST, path / TENSORS)
-        if not all(f.is_file() for f in files):
+        got = read_bundle(path, NAME)
+        if got is None:
             raise FactEditError(f"'{path}' is not a trained editor folder ({MANIFEST} and {TENSORS} expected)")
-        try:
-            man = json.loads(files[0].read_text())
-        except ValueError as e:
-            raise FactEditError(f"{files[0]}: not valid JSON ({e})") from None
+        tensors, man = got
         if man.get("method") != cls.name:
             raise FactEditError(f"{path} holds a {man.get('method')} editor, not {cls.name}")
         if int(man.get("format_version", 0)) > ARTIFACT_VERSION:
@@ -119,7 +110,6 @@ class TrainedEditor(Editor):
         ed = cls(cfgmod.build(cls.Config, man["config"], overrides, what=f"{cls.name} config"), preset=man.get("preset"))
         ed.check_config(lm)
         ed.build(lm)
-        tensors = load_file(str(files[1]))
         for name, m in ed.modules().items():
             state = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{name}::")}
             m.load_state_dict(state, strict=True)
