@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -241,21 +242,22 @@ def _compute(lm, layers, text, desc, chash, tokens, max_len, batch_size, dtype, 
 def cached_statistics(lm: LM, layers: list[int]) -> list[dict]:
     """The statistics settings for which the cache holds a file for every one of ``layers`` of ``lm`` (in the
     model's dtype): [{"corpus": description, "tokens": requested tokens, "max_len": window}], sorted."""
-    import re
-
-    d, dtype = _stats_dir(lm), str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    d, dtype = _stats_dir(lm), next(lm.model.parameters()).dtype
     per_layer = []
     for l in sorted({int(x) for x in layers}):
         module = lm.arch.mlp_out_path(l)
         got = set()
-        for f in d.glob(f"{module}--c*.safetensors") if d.is_dir() else []:
-            m = re.fullmatch(re.escape(module) + r"--c([0-9a-f]{12})-t(\d+)-l(\d+)-(\w+)", f.stem)
-            if m is None or m.group(4) != dtype:
-                continue  # a projector or another dtype
+        for f in d.glob(f"{module}--c*-t*.safetensors") if d.is_dir() else []:
+            m = re.search(r"-t(\d+)-l\d+-", f.stem[len(module):])  # the requested token count, named only in the stem
+            if m is None or "--null-" in f.stem:
+                continue  # a projector
             meta = _read_meta(f)
-            if meta.get("version") != STATS_VERSION:
+            tokens = int(m.group(1))
+            # the file is one of key_stats' own (same naming, this dtype, this version)
+            if meta.get("version") != STATS_VERSION or "corpus_sha256" not in meta or \
+                    f.stem != _stem(module, meta["corpus_sha256"], tokens, int(meta["max_len"]), dtype):
                 continue
-            got.add((str(meta.get("corpus")), int(m.group(2)), int(m.group(3))))
+            got.add((str(meta.get("corpus")), tokens, int(meta["max_len"])))
         per_layer.append(got)
     common = set.intersection(*per_layer) if per_layer else set()
     return [{"corpus": c, "tokens": t, "max_len": n} for c, t, n in sorted(common)]
