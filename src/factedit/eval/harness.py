@@ -255,11 +255,8 @@ class Runner:
                     stream = self._stream() if seq else None
                     for r, idx in enumerate(tqdm(rounds, desc=f"{self.mode} edits", disable=None)):
                         path = self.out / ("patch" if not seq else f"rounds/{r:04d}")
-                        reqs = [q for i in idx for q in self.cases[i].requests]
-                        if stream is not None and r < stream.n_rounds:  # committed: the saved patch is that round
-                            patch = load_patch(path)
-                        else:  # new, or saved but not committed (the unfinished round): committed as saved
-                            patch = self._compute_saved(path, reqs)
+                        # a saved round is read back (committed, or the unfinished round, committed as saved)
+                        patch = self._compute_saved(path, [q for i in idx for q in self.cases[i].requests])
                         handles.append(patch.apply(self.lm))
                         if stream is not None and r >= stream.n_rounds:
                             stream.commit(patch, path, self.lm, round=r)
