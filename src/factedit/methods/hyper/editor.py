@@ -162,13 +162,13 @@ class HyperEditor(TrainedEditor):
         S = self.shifts(cap)
         gen = make_batch(lm, [p[1][0] for p in parts], [p[1][1] for p in parts])
         unrel = [p[2] for p in parts if p[2] is not None]
-        loc_batch = make_batch(lm, [u[0] for u in unrel], [u[1] for u in unrel]) if unrel else None
+        loc_batch = make_batch(lm, [u[0] for u in unrel], [u[1] for u in unrel]) if unrel and c.loc_coef > 0 else None
         if loc_batch is not None:
             with torch.no_grad():
                 pre, labels = batch_logits(lm, loc_batch)  # (B, K, V) unedited
         with self._mounted(lm, S):
             loss = target_nll(lm, gen).mean()
-            if loc_batch is not None and c.loc_coef > 0:
+            if loc_batch is not None:
                 post, _ = batch_logits(lm, loc_batch)
                 valid = labels >= 0  # the positions that predict the unrelated targets
                 lp_pre, lp_post = torch.log_softmax(pre.float(), -1), torch.log_softmax(post.float(), -1)
