@@ -55,3 +55,4 @@ def corpus(tmp_path):
 def _zstar_store(tmp_path, monkeypatch):
     """Each test gets an empty z* store, so no test reads z* another test (or an earlier run) computed."""
     monkeypatch.setenv("FACTEDIT_ZSTAR_CACHE", str(tmp_path / "zstar"))
+    monkeypatch.setenv("FACTEDIT_PREFIX_CACHE", str(tmp_path / "prefix"))

@@ -62,7 +62,7 @@ class ToyEditor(TrainedEditor):
     def _placement(self) -> Placement:
         return Placement(Site("block_output", self.config.layer), "last")
 
-    def _fit(self, lm, cases, checkpoint: Path | None) -> dict:
+    def _fit(self, lm, cases, checkpoint: Path | None, val_cases=None) -> dict:
         c = self.config
         reqs = [r for case in cases for r in case.requests]
         batches, sizes = request_batches(lm, reqs, c.batch_size)

@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bench", default="counterfact", help="the format of --data (a registered benchmark)")
     sp.add_argument("--limit", type=int, help="first N records")
     sp.add_argument("--zsre-target", default="alt", choices=["answer", "alt"])
+    sp.add_argument("--val-data", help="held-out file (same format) to validate on during training, for editors "
+                    "that validate (MEND, MALMEN: the best validated state is kept)")
+    sp.add_argument("--val-limit", type=int, help="first N records of --val-data")
     sp.add_argument("--out", required=True, help="folder for the trained editor (resumes from OUT.partial)")
     sp.set_defaults(fn=cmd_train)
 

@@ -154,12 +154,17 @@ def cmd_train(args) -> int:
         raise FactEditError(f"--out {out} exists and is not empty")
     if args.limit is not None and args.limit < 1:
         raise FactEditError("--limit must be at least 1")
+    if args.val_limit is not None and args.val_limit < 1:
+        raise FactEditError("--val-limit must be at least 1")
     path, cases = load_cases(args.bench, args.data, args.limit, args.zsre_target)
+    val_path, val_cases = (load_cases(args.bench, args.val_data, args.val_limit, args.zsre_target) if args.val_data
+                           else (None, None))
     lm = load_lm(args.model, device=args.device)
     editor = cls.create(lm, m_over)
     # an interrupted training resumes from OUT.partial, if it was the same training (method, config, data, model)
     run = {"method": cls.name, "config": editor.config_dict(), "data": str(path), "data_digest": data_digest(cases),
-           "fingerprint": lm.fingerprint}
+           "fingerprint": lm.fingerprint,
+           "val_data": str(val_path) if val_path else None, "val_digest": data_digest(val_cases) if val_cases else None}
     ckpt = out.with_name(out.name + ".partial")
     rec = ckpt / "run.json"
     if rec.is_file():
@@ -172,7 +177,7 @@ def cmd_train(args) -> int:
     else:
         write_json(rec, run)
     t0 = time.perf_counter()
-    metrics = editor.fit(lm, cases, checkpoint=ckpt / "state")
+    metrics = editor.fit(lm, cases, checkpoint=ckpt / "state", val_cases=val_cases)
     editor.trained["train_s"] = round(time.perf_counter() - t0, 1)
     editor.save_pretrained(out)
     shutil.rmtree(ckpt, ignore_errors=True)

@@ -110,13 +110,16 @@ def load_checkpoint(path: Path, params, opt, state: Sequence[torch.Tensor] = ())
 def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: Callable[[Any], torch.Tensor],
                s: TrainSettings, *, weights: Sequence[float] | None = None,
                project: Callable[[], None] | None = None, checkpoint: Path | None = None,
-               state: Sequence[torch.Tensor] = (), progress: bool = True) -> TrainResult:
+               state: Sequence[torch.Tensor] = (), progress: bool = True,
+               on_step: Callable[[int], dict[str, str] | None] | None = None) -> TrainResult:
     """Minimise ``loss_fn(batch)`` over ``params``, ``s.steps`` passes over ``batches``.
 
     weights: each batch's share in a pass's mean loss (e.g. its number of rows; default equal);
     project: called after every optimiser step (under no_grad) to project the parameters;
     state: tensors that are not optimised but change during training (e.g. a running normaliser's buffers),
-    saved and restored with the checkpoint. A checkpoint may fall inside a pass: a resumed run continues at the
+    saved and restored with the checkpoint; on_step(n): called after optimiser step n (counted over every pass,
+    from 1) before any checkpoint, e.g. to validate; what it returns joins the progress bar. The bar counts
+    batches. A checkpoint may fall inside a pass: a resumed run continues at the
     next batch, with the pass's running loss, and ends with the same tensors as an uninterrupted one."""
     params = list(params)
     opt = make_optimizer(params, s)
@@ -133,8 +136,10 @@ def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: 
         result.stopped_early = True
         return result
     n_opt = 0
-    bar = tqdm(range(done, s.steps), desc=s.desc, leave=False, disable=None if progress else True)
-    for step in bar:
+    bar = tqdm(total=s.steps * len(batches), initial=done * len(batches) + start_batch, desc=s.desc, leave=False,
+               disable=None if progress else True)
+    post: dict[str, str] = {}
+    for step in range(done, s.steps):
         total = carried if step == done else 0.0
         for bi in range(start_batch if step == done else 0, len(batches)):
             opt.zero_grad(set_to_none=True)
@@ -148,6 +153,13 @@ def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: 
                     project()
             total += float(loss.detach()) * w[bi]
             n_opt += 1
+            post["loss"] = f"{float(loss.detach()):.3f}"
+            if s.grad_clip is not None:
+                post["|g|"] = f"{result.grad_norm:.2g}"
+            if on_step is not None:
+                post.update(on_step(step * len(batches) + bi + 1) or {})
+            bar.update(1)
+            bar.set_postfix(post, refresh=False)
             if checkpoint is not None and s.checkpoint_every and n_opt % s.checkpoint_every == 0 \
                     and bi + 1 < len(batches):
                 save_checkpoint(checkpoint, params, opt, step, history, {"batch": bi + 1, "total": total}, state)
@@ -156,10 +168,6 @@ def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: 
             raise FactEditError(f"{s.desc}: the loss is not finite at pass {step + 1}; lower the learning rate")
         history.append(mean)
         result.steps, result.loss = step + 1, mean
-        post = {"loss": f"{mean:.3f}"}
-        if s.grad_clip is not None:
-            post["|g|"] = f"{result.grad_norm:.2g}"
-        bar.set_postfix(post)
         every = s.log_every and (step + 1) % s.log_every == 0
         log.log(logging.INFO if every else logging.DEBUG, "%s: pass %d/%d loss %.4f%s", s.desc, step + 1, s.steps, mean,
                 f" |g| {result.grad_norm:.3g}" if s.grad_clip is not None else "")

@@ -56,18 +56,21 @@ class TrainedEditor(Editor):
         """The trained modules by name (their state dicts make the artifact)."""
 
     @abstractmethod
-    def _fit(self, lm: LM, cases: list[EvalCase], checkpoint: Path | None) -> dict[str, Any]:
-        """Train the modules on ``cases``; returns the training metrics."""
+    def _fit(self, lm: LM, cases: list[EvalCase], checkpoint: Path | None,
+             val_cases: list[EvalCase] | None = None) -> dict[str, Any]:
+        """Train the modules on ``cases`` (``val_cases``: held-out cases to validate on, if the editor does);
+        returns the training metrics."""
 
     # ---- training -----------------------------------------------------------------------------------------
-    def fit(self, lm: LM, cases: list[EvalCase], checkpoint: Path | None = None) -> dict[str, Any]:
+    def fit(self, lm: LM, cases: list[EvalCase], checkpoint: Path | None = None,
+            val_cases: list[EvalCase] | None = None) -> dict[str, Any]:
         if not cases:
             raise FactEditError(f"{self.name}: no training cases")
         for c in cases:
             self.validate(lm, list(c.requests))
         self.build(lm)
         with lm.lock, frozen(lm), torch.enable_grad():
-            metrics = self._fit(lm, cases, checkpoint)
+            metrics = self._fit(lm, cases, checkpoint, val_cases)
         self.trained = {"base_fingerprint": lm.fingerprint, "model": lm.name, "data_digest": data_digest(cases),
                         "n_train": len(cases), "metrics": metrics}
         return metrics

@@ -14,6 +14,7 @@ the module's weight (tested).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -24,6 +25,7 @@ from ...errors import FactEditError
 from ...lm.batch import make_batch, target_nll
 from ...lm.hooks import TraceDict
 from ...lm.load import LM
+from ...lm.prefix import pad_hidden, start_at
 from ...types import EditRequest
 from ..base import frozen
 
@@ -51,8 +53,11 @@ def _require_grad(out, _args):
 
 
 def capture(lm: LM, requests: Sequence[EditRequest], modules: Sequence[str], tokens: TokenSet = "ans",
-            batch_size: int = 32) -> Captured:
-    """U and G of ``modules`` (paths of linear modules, e.g. MLP out-projections) for ``requests``."""
+            batch_size: int = 32, hidden: Sequence[torch.Tensor] | None = None, layer: int | None = None) -> Captured:
+    """U and G of ``modules`` (paths of linear modules, e.g. MLP out-projections) for ``requests``.
+
+    hidden, layer: each request's cached hidden state entering block ``layer`` (``lm.prefix.block_inputs``), at
+    or below the first captured module; the blocks below it are then skipped."""
     if tokens not in ("ans", "all"):
         raise FactEditError(f"unknown token set '{tokens}' (ans or all)")
     if not requests:
@@ -66,7 +71,10 @@ def capture(lm: LM, requests: Sequence[EditRequest], modules: Sequence[str], tok
         for s in range(0, len(requests), batch_size):
             chunk = requests[s : s + batch_size]
             b = make_batch(lm, [r.prompt for r in chunk], [r.target_new for r in chunk])
-            with TraceDict(lm.model, modules, retain_input=True, retain_grad=True, edit_output=_require_grad) as td:
+            start = (start_at(lm, layer, pad_hidden(hidden[s : s + batch_size], b)) if hidden is not None
+                     else contextlib.nullcontext())
+            with start, TraceDict(lm.model, modules, retain_input=True, retain_grad=True,
+                                  edit_output=_require_grad) as td:
                 target_nll(lm, b).sum().backward()  # Σ_facts mean target NLL
             # (B, T): the positions that predict a target token (labels are -100 elsewhere), or every real one
             sel = (b.labels >= 0).to(dev) if tokens == "ans" else b.attention_mask.to(dev).bool()

@@ -17,20 +17,26 @@ resumable per edit batch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ...config import NonNegFloat, NonNegInt, PosFloat, PosInt
 from ...errors import FactEditError
+from ...fsutil import read_bundle, write_bundle
 from ...lm.arch import weight_as_out_in
 from ...lm.batch import batch_logits, make_batch, target_nll
 from ...lm.hooks import Trace
-from ...lm.load import LM
+from ...lm.load import LM, cache_root
+from ...lm.prefix import block_inputs, pad_hidden, start_at
 from ...patch.weights import Delta, WeightPatch
 from ...types import EditRequest, EvalCase
 from ..train import TrainSettings, train_loop
@@ -57,6 +63,11 @@ class HyperConfig:
     loc_coef: NonNegFloat = 1.0  # weight of the locality loss
     grad_clip: PosFloat = 1.0
     seed: int = 0  # the networks' initialisation
+    # our additions (specs/hypernetwork.md lists the official behaviour each departs from)
+    eta_search: bool = True  # η from a grid search on the first edit batch (official: η starts at eta_init)
+    val_size: NonNegInt = 64  # validation cases (0: none); the best validated state is kept (official: the last)
+    val_every: PosInt = 20  # meta-steps between validations (and one at the end)
+    cache_prefix: bool = True  # run the frozen blocks below the first edited layer once per training tuple
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,36 @@ def _tuples(case: EvalCase) -> tuple[list[EditRequest], tuple[str, str], tuple[s
     else:
         unrel = None
     return list(case.requests), equiv, unrel
+
+
+@dataclass
+class _Tuples:
+    """The meta-training tuples of a list of cases: every case's edit requests (flattened; ``edit_of[i]`` indexes
+    case i's), one equivalent and one unrelated (prompt, target) per case (None: no unrelated prompt), and, once
+    cached, the hidden states entering the first edited block per tuple and kind."""
+
+    edit: list[EditRequest]
+    edit_of: list[list[int]]
+    gen: list[tuple[str, str]]
+    unrel: list[tuple[str, str] | None]
+    hidden: dict[str, list[torch.Tensor | None]] | None = None
+
+    @classmethod
+    def of(cls, cases: list[EvalCase]) -> _Tuples:
+        edit, edit_of, gen, unrel = [], [], [], []
+        for case in cases:
+            reqs, eq, un = _tuples(case)
+            edit_of.append(list(range(len(edit), len(edit) + len(reqs))))
+            edit += reqs
+            gen.append(eq)
+            unrel.append(un)
+        return cls(edit, edit_of, gen, unrel)
+
+    def prompts(self) -> dict[str, list[tuple[str, str] | None]]:
+        return {"edit": [(r.prompt, r.target_new) for r in self.edit], "gen": self.gen, "unrel": self.unrel}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.prompts()).encode()).hexdigest()[:16]
 
 
 class HyperEditor(TrainedEditor):
@@ -152,50 +193,220 @@ class HyperEditor(TrainedEditor):
                 stack.enter_context(Trace(lm.model.get_submodule(path), retain_output=False, edit_output=add))
             yield
 
-    def _meta_loss(self, lm: LM, chunk: list[EvalCase]) -> torch.Tensor:
-        c = self.config
-        parts = [_tuples(case) for case in chunk]
-        reqs = [r for p in parts for r in p[0]]
-        cap = self._capture(lm, reqs)
+    def _first_layer(self) -> int:
+        return min(int(l) for l in self.config.layers)
+
+    def _tuples_of(self, lm: LM, cases: list[EvalCase], what: str) -> _Tuples:
+        """The training tuples of ``cases``, with the hidden states entering the first edited block cached (on
+        disk, by model, data and layer: the frozen blocks below run once per record for every training)."""
+        t = _Tuples.of(cases)
+        if not self.config.cache_prefix:
+            return t
+        layer = self._first_layer()
+        key = hashlib.sha256(json.dumps([lm.fingerprint, layer, t.fingerprint()]).encode()).hexdigest()[:16]
+        folder = Path(os.environ.get("FACTEDIT_PREFIX_CACHE") or cache_root() / "prefix") / key
+        got = read_bundle(folder, "hidden")
+        if got is not None:
+            log.info("%s: %s hidden states entering block %d read from %s", self.name, what, layer, folder)
+            tensors, _ = got
+            t.hidden = {k: [tensors.get(f"{k}.{i}") for i in range(len(v))] for k, v in t.prompts().items()}
+            return t
+        log.info("%s: running blocks 0..%d once for the %d %s cases (cached in %s)", self.name, layer - 1,
+                 len(cases), what, folder)
+        t.hidden = {}
+        bs = self.config.lm_batch
+        items = t.prompts()
+        total = sum(p is not None for v in items.values() for p in v)
+        with tqdm(total=total, desc=f"{self.name} cache {what}", leave=False) as bar:
+            for k, pairs in items.items():
+                idx = [i for i, p in enumerate(pairs) if p is not None]
+                rows: list[torch.Tensor | None] = [None] * len(pairs)
+                for s0 in range(0, len(idx), bs):
+                    ch = idx[s0 : s0 + bs]
+                    b = make_batch(lm, [pairs[i][0] for i in ch], [pairs[i][1] for i in ch])
+                    for i, h in zip(ch, block_inputs(lm, b, layer)):
+                        rows[i] = h
+                    bar.update(len(ch))
+                t.hidden[k] = rows
+        write_bundle(folder, {f"{k}.{i}": r for k, v in t.hidden.items() for i, r in enumerate(v) if r is not None},
+                     {"model": lm.name, "fingerprint": lm.fingerprint, "layer": layer, "cases": len(cases)}, "hidden")
+        return t
+
+    def _run(self, lm: LM, t: _Tuples, kind: str, idx: list[int]):
+        """(batch, context factory) for tuples ``idx`` of ``kind``: the context starts the forward at the cached layer."""
+        pairs = [t.prompts()[kind][i] for i in idx]
+        b = make_batch(lm, [p for p, _ in pairs], [tg for _, tg in pairs])
+        if t.hidden is None:
+            return b, contextlib.nullcontext
+        h = pad_hidden([t.hidden[kind][i] for i in idx], b)
+        return b, lambda: start_at(lm, self._first_layer(), h)
+
+    def _capture_cached(self, lm: LM, t: _Tuples, e_idx: list[int]):
+        hidden = [t.hidden["edit"][j] for j in e_idx] if t.hidden is not None else None
+        return capture(lm, [t.edit[j] for j in e_idx], list(self.slots), self.config.tokens, self.config.lm_batch,
+                       hidden=hidden, layer=self._first_layer() if hidden is not None else None)
+
+    def _update_norms(self, cap) -> None:
         for path, (name, _) in self.slots.items():
             self.nets[name].norm.update(torch.cat([cap.U[path], cap.G[path]], -1))
+
+    def _normalise_on(self, lm: LM, t: _Tuples, chunk: list[int]) -> None:
+        self._update_norms(self._capture_cached(lm, t, [j for i in chunk for j in t.edit_of[i]]))
+
+    def _losses(self, lm: LM, t: _Tuples, chunk: list[int], update_norm: bool = True,
+                stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(generalisation NLL, locality KL) for the edit batch of cases ``chunk``: capture, (update the
+        normalisers), predict the shifts with the networks' graph kept, mount them, take both losses."""
+        c = self.config
+        e_idx = [j for i in chunk for j in t.edit_of[i]]
+        cap = self._capture_cached(lm, t, e_idx)
+        if update_norm:
+            self._update_norms(cap)
         S = self.shifts(cap)
-        gen = make_batch(lm, [p[1][0] for p in parts], [p[1][1] for p in parts])
-        unrel = [p[2] for p in parts if p[2] is not None]
-        loc_batch = make_batch(lm, [u[0] for u in unrel], [u[1] for u in unrel]) if unrel and c.loc_coef > 0 else None
-        if loc_batch is not None:
-            with torch.no_grad():
-                pre, labels = batch_logits(lm, loc_batch)  # (B, K, V) unedited
+        gen, gen_ctx = self._run(lm, t, "gen", chunk)
+        u_idx = [i for i in chunk if t.unrel[i] is not None]
+        want_loc = bool(u_idx) and (c.loc_coef > 0 or stats)
+        out: dict = {}
+        if want_loc:
+            loc, loc_ctx = self._run(lm, t, "unrel", u_idx)
+            with torch.no_grad(), loc_ctx():
+                pre, labels = batch_logits(lm, loc)  # (B, K, V) unedited
         with self._mounted(lm, S):
-            loss = target_nll(lm, gen).mean()
-            if loc_batch is not None:
-                post, _ = batch_logits(lm, loc_batch)
+            with gen_ctx():
+                if stats:
+                    logits, glabels = batch_logits(lm, gen)
+                    out["gen_acc"] = _token_acc(logits, glabels)
+                    lp = torch.log_softmax(logits.float(), -1)
+                    valid = glabels >= 0
+                    nll = -(lp.gather(-1, glabels.clamp(min=0)[..., None])[..., 0] * valid).sum(1) / valid.sum(1)
+                    gen_loss = nll.mean()
+                else:
+                    gen_loss = target_nll(lm, gen).mean()
+            kl = torch.zeros((), dtype=torch.float32)
+            if want_loc:
+                with loc_ctx():
+                    post, _ = batch_logits(lm, loc)
                 valid = labels >= 0  # the positions that predict the unrelated targets
                 lp_pre, lp_post = torch.log_softmax(pre.float(), -1), torch.log_softmax(post.float(), -1)
-                kl = (lp_pre.exp() * (lp_pre - lp_post)).sum(-1)  # KL(pre ‖ post) per position
-                loss = loss + c.loc_coef * (kl * valid).sum() / valid.sum().clamp(min=1)
-        return loss
+                kl_pos = (lp_pre.exp() * (lp_pre - lp_post)).sum(-1)  # KL(pre ‖ post) per position
+                kl = (kl_pos * valid).sum() / valid.sum().clamp(min=1)
+                if stats:
+                    out["loc_agree"] = float(((pre.argmax(-1) == post.argmax(-1)) & valid).sum() / valid.sum())
+            if stats:
+                eb, e_ctx = self._run(lm, t, "edit", e_idx)
+                with e_ctx():
+                    out["edit_acc"] = _token_acc(*batch_logits(lm, eb))
+        return gen_loss, kl, out
 
-    def _fit(self, lm: LM, cases: list[EvalCase], checkpoint: Path | None) -> dict:
+    def _meta_loss(self, lm: LM, t: _Tuples, chunk: list[int]) -> torch.Tensor:
+        gen, kl = self._losses(lm, t, chunk)[:2]
+        return gen + self.config.loc_coef * kl
+
+    @torch.no_grad()
+    def _search_eta(self, lm: LM, t: _Tuples, chunk: list[int]) -> float:
+        """Our departure (specs/hypernetwork.md: η starts at 1e-6 and Adam at 1e-5 spends the first ~100
+        meta-steps growing it): η of every module set to the grid value, 1e-6 .. 1e-1, with the lowest meta loss
+        on the first edit batch, with the untrained networks."""
+        best = (float("inf"), self.config.eta_init)
+        saved = [b.clone() for net in self.nets.values() for b in net.norm.buffers()]
+        self._normalise_on(lm, t, chunk)  # the networks need statistics; training re-reads this batch itself
+        for eta in [10.0 ** e for e in range(-6, 0)] + [3 * 10.0 ** e for e in range(-6, -1)]:
+            for net in self.nets.values():
+                net.eta.fill_(eta)
+            gen, kl, _ = self._losses(lm, t, chunk, update_norm=False)
+            loss = float(gen + self.config.loc_coef * kl)
+            log.debug("%s: η %.0e meta loss %.4f", self.name, eta, loss)
+            if loss < best[0]:
+                best = (loss, eta)
+        for net in self.nets.values():
+            net.eta.fill_(best[1])
+        for dst, src in zip([b for net in self.nets.values() for b in net.norm.buffers()], saved):
+            dst.copy_(src)
+        log.info("%s: η initialised to %.0e by a search on the first edit batch (meta loss %.4f)", self.name, best[1],
+                 best[0])
+        return best[1]
+
+    def _validate(self, lm: LM, t: _Tuples) -> dict:
+        """Edit the validation slice in edit batches of m facts and measure: meta loss (the selection score),
+        edit and equivalent token accuracy, agreement with the unedited model at the unrelated targets."""
+        for net in self.nets.values():
+            net.eval()
+        m = self.config.edit_batch
+        sums: dict[str, float] = {}
+        n = len(t.gen)
+        for i in range(0, n, m):
+            chunk = list(range(i, min(i + m, n)))
+            with torch.no_grad():
+                gen, kl, st = self._losses(lm, t, chunk, update_norm=False, stats=True)
+            w = len(chunk) / n
+            st["loss"] = float(gen + self.config.loc_coef * kl)
+            for k, v in st.items():
+                sums[k] = sums.get(k, 0.0) + w * float(v)
+        for net in self.nets.values():
+            net.train()
+        return sums
+
+    def _fit(self, lm: LM, cases: list[EvalCase], checkpoint: Path | None,
+             val_cases: list[EvalCase] | None = None) -> dict:
         c = self.config
         if any(_tuples(case)[2] is None for case in cases):
             log.warning("%s: some training cases have no unrelated prompt; their locality term is left out", self.name)
-        chunks = [cases[i : i + c.edit_batch] for i in range(0, len(cases), c.edit_batch)]
+        train = self._tuples_of(lm, cases, "training")
+        val = self._tuples_of(lm, val_cases[: c.val_size], "validation") if val_cases and c.val_size else None
+        chunks = [list(range(i, min(i + c.edit_batch, len(cases)))) for i in range(0, len(cases), c.edit_batch)]
         params = [p for net in self.nets.values() for p in net.parameters()]
-        state = [b for net in self.nets.values() for b in net.norm.buffers()]
+        norms = [b for net in self.nets.values() for b in net.norm.buffers()]
+        best = [p.detach().clone() for p in params] + [b.clone() for b in norms]  # the best validated state
+        best_score = torch.full((), float("inf"), dtype=torch.float64)
+        state = norms + best + [best_score]
+        resuming = checkpoint is not None and read_bundle(checkpoint) is not None
         for net in self.nets.values():
             net.train()
+        if c.eta_search and not resuming:
+            self._search_eta(lm, train, chunks[0])
+        history: list[dict] = []
+
+        def on_step(n: int) -> dict[str, str]:
+            etas = torch.cat([net.eta.detach() for net in self.nets.values()])
+            post = {"eta": f"{float(etas.mean()):.2g}"}
+            if val is not None and (n % c.val_every == 0 or n == len(chunks) * c.epochs):
+                v = self._validate(lm, val)
+                v["step"] = n
+                history.append(v)
+                log.info("%s: step %d validation %s", self.name, n,
+                         " ".join(f"{k} {x:.4f}" for k, x in v.items() if k != "step"))
+                if v["loss"] < float(best_score):
+                    best_score.fill_(v["loss"])
+                    for dst, src in zip(best, params + norms):
+                        dst.copy_(src.detach())
+                post["val"] = f"{v['loss']:.3f}"
+            return post
+
         settings = TrainSettings(steps=c.epochs, lr=c.meta_lr, grad_clip=c.grad_clip, desc=f"{self.name} meta",
                                  checkpoint_every=1, log_every=1)
-        res = train_loop(params, chunks, lambda ch: self._meta_loss(lm, ch), settings, weights=[len(ch) for ch in chunks],
-                         checkpoint=checkpoint, state=state)
+        res = train_loop(params, chunks, lambda ch: self._meta_loss(lm, train, ch), settings,
+                         weights=[len(ch) for ch in chunks], checkpoint=checkpoint, state=state, on_step=on_step)
+        if val is not None and torch.isfinite(best_score):
+            with torch.no_grad():  # keep the best validated state (the official code keeps the last: our addition)
+                for dst, src in zip(params + norms, best):
+                    dst.copy_(src)
         for net in self.nets.values():
             net.eval()
         etas = {name: [round(float(e), 8) for e in net.eta.detach()] for name, net in self.nets.items()}
         if not all(torch.isfinite(p).all() for p in params):
             raise FactEditError(f"{self.name}: meta-training produced non-finite parameters; lower meta_lr")
-        return {"meta_loss": res.loss, "passes": res.steps, "meta_steps": res.steps * len(chunks),
-                "grad_norm": res.grad_norm, "eta": etas}
+        out = {"meta_loss": res.loss, "passes": res.steps, "meta_steps": res.steps * len(chunks),
+               "grad_norm": res.grad_norm, "eta": etas}
+        if val is not None:
+            out.update({"val_best_loss": float(best_score), "val_cases": len(val.gen), "validation": history})
+        return out
+
+
+def _token_acc(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over rows of the share of target tokens that are the argmax (MALMEN's ES / GS)."""
+    valid = labels >= 0
+    hit = (logits.argmax(-1) == labels) & valid
+    return float((hit.sum(1).float() / valid.sum(1).clamp(min=1)).mean())
 
 
 class MALMENEditor(HyperEditor):
