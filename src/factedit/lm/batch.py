@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hooks import forward_context
+from .hooks import forward_context, installed
 from .load import LM
 from .tokens import encode_target, pad_batch
 
@@ -56,13 +56,37 @@ def batch_logits(lm: LM, batch: TargetBatch) -> tuple[torch.Tensor, torch.Tensor
     return logits, batch.labels[:, -k:].to(dev)
 
 
+def target_logits(lm: LM, batch: TargetBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits only at the positions that predict a target token: (N, V), their labels (N,) and rows (N,).
+
+    The head runs on those N positions alone (a pre-hook on the head keeps them), not on every kept position
+    of every row: with a 49k-token vocabulary the head is most of a short batch's cost."""
+    dev = lm.device
+    k = batch.keep
+    labels = batch.labels[:, -k:].to(dev)
+    sel = labels >= 0  # (B, K)
+
+    def pick(_m, args, kwargs):
+        h = args[0] if args else kwargs["input"]
+        h = h[sel][None]  # (1, N, d)
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "input": h})
+
+    head = lm.model.get_submodule(lm.arch.head)
+    with forward_context(batch.prompt_lens), installed([head.register_forward_pre_hook(pick, with_kwargs=True)]):
+        out = lm.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                       logits_to_keep=k, use_cache=False)
+    rows = torch.arange(labels.shape[0], device=dev)[:, None].expand_as(labels)[sel]
+    return out.logits[0], labels[sel], rows
+
+
 def target_nll(lm: LM, batch: TargetBatch) -> torch.Tensor:
     """Per-row mean negative log-likelihood of the target tokens: (B,)."""
-    logits, labels = batch_logits(lm, batch)
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, K, V)
-    valid = labels >= 0
-    tok_lp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * valid  # (B, K)
-    return -tok_lp.sum(1) / valid.sum(1).clamp(min=1)
+    logits, labels, rows = target_logits(lm, batch)
+    tok = -torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None])[:, 0]  # (N,)
+    B = batch.labels.shape[0]
+    total = torch.zeros(B, dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+    count = torch.zeros(B, dtype=tok.dtype, device=tok.device).index_add(0, rows, torch.ones_like(tok))
+    return total / count.clamp(min=1)
 
 
 def request_batches(lm: LM, requests, batch_size: int) -> tuple[list[TargetBatch], list[int]]:
