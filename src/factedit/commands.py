@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -136,6 +137,19 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) join the process group (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def cmd_train(args) -> int:
     import shutil
 
@@ -159,7 +173,11 @@ def cmd_train(args) -> int:
     path, cases = load_cases(args.bench, args.data, args.limit, args.zsre_target)
     val_path, val_cases = (load_cases(args.bench, args.val_data, args.val_limit, args.zsre_target) if args.val_data
                            else (None, None))
-    lm = load_lm(args.model, device=args.device)
+    rank, world = _init_distributed()
+    device = args.device
+    if world > 1 and str(device).startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    lm = load_lm(args.model, device=device)
     editor = cls.create(lm, m_over)
     # an interrupted training resumes from OUT.partial, if it was the same training (method, config, data, model)
     run = {"method": cls.name, "config": editor.config_dict(), "data": str(path), "data_digest": data_digest(cases),
@@ -174,13 +192,23 @@ def cmd_train(args) -> int:
             raise FactEditError(f"{ckpt} holds an interrupted training of another run (other method, config, data "
                                 "or model); remove it or choose another --out")
         log.info("train: resuming from %s", ckpt)
-    else:
+    elif rank == 0:
         write_json(rec, run)
     t0 = time.perf_counter()
     metrics = editor.fit(lm, cases, checkpoint=ckpt / "state", val_cases=val_cases)
     editor.trained["train_s"] = round(time.perf_counter() - t0, 1)
+    if world > 1:
+        editor.trained["ranks"] = world
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank != 0:  # rank 0 writes the one artifact
+            dist.destroy_process_group()
+            return 0
     editor.save_pretrained(out)
     shutil.rmtree(ckpt, ignore_errors=True)
+    if world > 1:
+        dist.destroy_process_group()
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
                       if isinstance(v, (int, float)))
     print(f"{cls.name} trained on {len(cases)} cases of {path} ({shown}); editor saved to {out}")

@@ -146,7 +146,7 @@ def _cases():
             for i, (p, s, n, t, para, nb) in enumerate(raw)]
 
 
-HYPER = dict(layers=(2, 3), rank=4, edit_batch=2, lm_batch=2, meta_lr=1e-2, eta_init=1e-2)
+HYPER = dict(layers=(2, 3), rank=4, edit_batch=2, lm_batch=2, meta_lr=1e-2, eta_init=1e-2, epochs=1)
 
 
 @pytest.mark.parametrize("method", ["malmen", "mend"])
@@ -193,7 +193,7 @@ def test_meta_training_resumes_after_a_kill_to_the_same_networks(tmp_path, monke
 
     def fit(ckpt):
         lm = tiny_lm("llama")
-        ed = get_editor("malmen", lm, **HYPER, epochs=2)
+        ed = get_editor("malmen", lm, **{**HYPER, "epochs": 2})
         ed.fit(lm, _cases(), checkpoint=ckpt)
         return {f"{n}.{k}": v for n, net in ed.nets.items() for k, v in net.state_dict().items()}
 
@@ -274,7 +274,7 @@ def test_validation_keeps_the_best_state_and_resumes(tmp_path, monkeypatch):
 
     def fit(ckpt):
         lm = tiny_lm("llama")
-        ed = get_editor("malmen", lm, **{**HYPER, "meta_lr": 0.3}, epochs=3, val_every=1)
+        ed = get_editor("malmen", lm, **{**HYPER, "meta_lr": 0.3, "epochs": 3}, val_every=1)
         m = ed.fit(lm, _cases(), checkpoint=ckpt, val_cases=_cases()[::-1])
         return lm, ed, m
 

@@ -111,7 +111,8 @@ def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: 
                s: TrainSettings, *, weights: Sequence[float] | None = None,
                project: Callable[[], None] | None = None, checkpoint: Path | None = None,
                state: Sequence[torch.Tensor] = (), progress: bool = True,
-               on_step: Callable[[int], dict[str, str] | None] | None = None) -> TrainResult:
+               on_step: Callable[[int], dict[str, str] | None] | None = None,
+               write_checkpoints: bool = True) -> TrainResult:
     """Minimise ``loss_fn(batch)`` over ``params``, ``s.steps`` passes over ``batches``.
 
     weights: each batch's share in a pass's mean loss (e.g. its number of rows; default equal);
@@ -119,12 +120,14 @@ def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: 
     state: tensors that are not optimised but change during training (e.g. a running normaliser's buffers),
     saved and restored with the checkpoint; on_step(n): called after optimiser step n (counted over every pass,
     from 1) before any checkpoint, e.g. to validate; what it returns joins the progress bar. The bar counts
-    batches. A checkpoint may fall inside a pass: a resumed run continues at the
+    batches. write_checkpoints False: read the checkpoint to resume but never write it (the ranks after the
+    first of a distributed run, which rank 0 checkpoints for all). A checkpoint may fall inside a pass: a resumed run continues at the
     next batch, with the pass's running loss, and ends with the same tensors as an uninterrupted one."""
     params = list(params)
     opt = make_optimizer(params, s)
     w = list(weights) if weights is not None else [1.0] * len(batches)
     done, history, start_batch, carried = 0, [], 0, 0.0
+    save = checkpoint is not None and write_checkpoints
     if checkpoint is not None:
         got = load_checkpoint(checkpoint, params, opt, state)
         if got is not None:
@@ -160,7 +163,7 @@ def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: 
                 post.update(on_step(step * len(batches) + bi + 1) or {})
             bar.update(1)
             bar.set_postfix(post, refresh=False)
-            if checkpoint is not None and s.checkpoint_every and n_opt % s.checkpoint_every == 0 \
+            if save and s.checkpoint_every and n_opt % s.checkpoint_every == 0 \
                     and bi + 1 < len(batches):
                 save_checkpoint(checkpoint, params, opt, step, history, {"batch": bi + 1, "total": total}, state)
         mean = total / sum(w)
@@ -174,9 +177,9 @@ def train_loop(params: Sequence[torch.Tensor], batches: Sequence[Any], loss_fn: 
         if s.early_stop_loss is not None and mean < s.early_stop_loss:
             result.stopped_early = True
             break
-        if checkpoint is not None and s.checkpoint_every:
+        if save and s.checkpoint_every:
             save_checkpoint(checkpoint, params, opt, step + 1, history, {}, state)
     bar.close()
-    if checkpoint is not None:
+    if save:
         save_checkpoint(checkpoint, params, opt, result.steps, history, {}, state)
     return result

@@ -145,6 +145,7 @@ class HyperEditor(TrainedEditor):
             with torch.no_grad():
                 net.log_lam.fill_(float(torch.tensor(c.lam_init).log()))
         self.slots = {p: (f"net_{d_in}x{d_out}", i) for (d_in, d_out), ps in shapes.items() for i, p in enumerate(ps)}
+        self._ddp = None  # the networks under DistributedDataParallel while meta-training on several ranks
 
     def modules(self) -> dict[str, nn.Module]:
         return dict(self.nets)
@@ -209,32 +210,37 @@ class HyperEditor(TrainedEditor):
         layer = self._first_layer()
         key = hashlib.sha256(json.dumps([lm.fingerprint, layer, t.fingerprint()]).encode()).hexdigest()[:16]
         folder = Path(os.environ.get("FACTEDIT_PREFIX_CACHE") or cache_root() / "prefix") / key
-        got = read_bundle(folder, "hidden")
-        if got is not None:
-            log.info("%s: %s hidden states entering block %d read from %s", self.name, what, layer, folder)
-            tensors, _ = got
-            t.hidden = {k: [tensors.get(f"{k}.{i}") for i in range(len(v))] for k, v in t.prompts().items()}
-            return t
+        rank, world = _dist()
+        if rank == 0 and read_bundle(folder, "hidden") is None:  # several ranks: the first computes for all
+            self._cache_hidden(lm, t, folder, what)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        tensors = read_bundle(folder, "hidden")[0]
+        log.info("%s: %s hidden states entering block %d read from %s", self.name, what, layer, folder)
+        t.hidden = {k: [tensors.get(f"{k}.{i}") for i in range(len(v))] for k, v in t.prompts().items()}
+        return t
+
+    def _cache_hidden(self, lm: LM, t: _Tuples, folder: Path, what: str) -> None:
+        layer = self._first_layer()
         log.info("%s: running blocks 0..%d once for the %d %s cases (cached in %s)", self.name, layer - 1,
-                 len(cases), what, folder)
-        t.hidden = {}
+                 len(t.gen), what, folder)
         bs = self.config.lm_batch
         items = t.prompts()
-        total = sum(p is not None for v in items.values() for p in v)
-        with tqdm(total=total, desc=f"{self.name} cache {what}", leave=False) as bar:
+        hidden: dict[str, torch.Tensor] = {}
+        with tqdm(total=sum(p is not None for v in items.values() for p in v), desc=f"{self.name} cache {what}",
+                  leave=False) as bar:
             for k, pairs in items.items():
                 idx = [i for i, p in enumerate(pairs) if p is not None]
-                rows: list[torch.Tensor | None] = [None] * len(pairs)
                 for s0 in range(0, len(idx), bs):
                     ch = idx[s0 : s0 + bs]
                     b = make_batch(lm, [pairs[i][0] for i in ch], [pairs[i][1] for i in ch])
                     for i, h in zip(ch, block_inputs(lm, b, layer)):
-                        rows[i] = h
+                        hidden[f"{k}.{i}"] = h
                     bar.update(len(ch))
-                t.hidden[k] = rows
-        write_bundle(folder, {f"{k}.{i}": r for k, v in t.hidden.items() for i, r in enumerate(v) if r is not None},
-                     {"model": lm.name, "fingerprint": lm.fingerprint, "layer": layer, "cases": len(cases)}, "hidden")
-        return t
+        write_bundle(folder, hidden, {"model": lm.name, "fingerprint": lm.fingerprint, "layer": layer,
+                                      "cases": len(t.gen)}, "hidden")
 
     def _run(self, lm: LM, t: _Tuples, kind: str, idx: list[int]):
         """(batch, context factory) for tuples ``idx`` of ``kind``: the context starts the forward at the cached layer."""
@@ -258,20 +264,32 @@ class HyperEditor(TrainedEditor):
         self._update_norms(self._capture_cached(lm, t, [j for i in chunk for j in t.edit_of[i]]))
 
     def _losses(self, lm: LM, t: _Tuples, chunk: list[int], update_norm: bool = True,
-                stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                stats: bool = False, sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(generalisation NLL, locality KL) for the edit batch of cases ``chunk``: capture, (update the
-        normalisers), predict the shifts with the networks' graph kept, mount them, take both losses."""
+        normalisers), predict the shifts with the networks' graph kept, mount them, take both losses.
+
+        sharded (meta-training under torch.distributed): this rank captures and scores its contiguous share of
+        ``chunk``; the captured rows of every rank are gathered (in rank order, i.e. the chunk's order) so each
+        rank predicts and solves the same shifts, and each rank's losses are scaled so that the mean over ranks
+        that DistributedDataParallel takes of their gradients is the gradient of the whole batch's loss."""
         c = self.config
-        e_idx = [j for i in chunk for j in t.edit_of[i]]
-        cap = self._capture_cached(lm, t, e_idx)
+        rank, world = _dist() if sharded else (0, 1)
+        mine = _share(chunk, rank, world)
+        e_idx = [j for i in mine for j in t.edit_of[i]]
+        cap = self._capture_cached(lm, t, e_idx) if e_idx else None
+        if world > 1:
+            cap = _gather_capture(cap, list(self.slots), lm)
         if update_norm:
             self._update_norms(cap)
-        S = self.shifts(cap)
-        gen, gen_ctx = self._run(lm, t, "gen", chunk)
-        u_idx = [i for i in chunk if t.unrel[i] is not None]
-        want_loc = bool(u_idx) and (c.loc_coef > 0 or stats)
+        S = self._ddp(cap) if (sharded and self._ddp is not None) else self.shifts(cap)
+        if not mine:  # nothing to score here: a zero loss that still reaches every parameter (for DDP)
+            zero = sum(x.sum() for x in S.values()) * 0.0
+            return zero, zero, {}
+        gen, gen_ctx = self._run(lm, t, "gen", mine)
+        u_idx = [i for i in mine if t.unrel[i] is not None]
+        want_loc = (c.loc_coef > 0 or stats) and bool(_all_sum(len(u_idx), world))
         out: dict = {}
-        if want_loc:
+        if want_loc and u_idx:
             loc, loc_ctx = self._run(lm, t, "unrel", u_idx)
             with torch.no_grad(), loc_ctx():
                 pre = target_logits(lm, loc)[0]  # (N, V) unedited, at the unrelated targets' positions
@@ -279,15 +297,16 @@ class HyperEditor(TrainedEditor):
             with gen_ctx():
                 logits, labels, rows = target_logits(lm, gen)
             nll = -torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None])[:, 0]
-            gen_loss = _row_mean(nll, rows, len(chunk)).mean()
+            gen_loss = _row_mean(nll, rows, len(mine)).sum() * (world / len(chunk))  # the chunk's mean
             if stats:
-                out["gen_acc"] = float(_row_mean((logits.argmax(-1) == labels).float(), rows, len(chunk)).mean())
-            kl = torch.zeros((), dtype=torch.float32)
-            if want_loc:
+                out["gen_acc"] = float(_row_mean((logits.argmax(-1) == labels).float(), rows, len(mine)).mean())
+            kl = gen_loss * 0.0
+            if want_loc and u_idx:
                 with loc_ctx():
                     post = target_logits(lm, loc)[0]
                 lp_pre, lp_post = torch.log_softmax(pre.float(), -1), torch.log_softmax(post.float(), -1)
-                kl = (lp_pre.exp() * (lp_pre - lp_post)).sum(-1).mean()  # KL(pre ‖ post), mean over positions
+                kl_pos = (lp_pre.exp() * (lp_pre - lp_post)).sum(-1)  # KL(pre ‖ post) per position
+                kl = kl_pos.sum() * (world / _all_sum(kl_pos.shape[0], world))  # mean over the chunk's positions
                 if stats:
                     out["loc_agree"] = float((pre.argmax(-1) == post.argmax(-1)).float().mean())
             if stats:
@@ -298,7 +317,7 @@ class HyperEditor(TrainedEditor):
         return gen_loss, kl, out
 
     def _meta_loss(self, lm: LM, t: _Tuples, chunk: list[int]) -> torch.Tensor:
-        gen, kl = self._losses(lm, t, chunk)[:2]
+        gen, kl = self._losses(lm, t, chunk, sharded=True)[:2]
         return gen + self.config.loc_coef * kl
 
     @torch.no_grad()
@@ -359,6 +378,13 @@ class HyperEditor(TrainedEditor):
         best_score = torch.full((), float("inf"), dtype=torch.float64)
         state = norms + best + [best_score]
         resuming = checkpoint is not None and read_bundle(checkpoint) is not None
+        rank, world = _dist()
+        if world > 1:  # DistributedDataParallel averages the ranks' gradients (no buffer broadcast: the
+            # normalisers see the gathered rows on every rank alike); MEND's log-λ takes no gradient
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._ddp = DistributedDataParallel(_Shifter(self), broadcast_buffers=False, find_unused_parameters=True)
+            log.info("%s: meta-training on %d ranks (this is rank %d)", self.name, world, rank)
         for net in self.nets.values():
             net.train()
         if c.eta_search and not resuming:
@@ -383,8 +409,12 @@ class HyperEditor(TrainedEditor):
 
         settings = TrainSettings(steps=c.epochs, lr=c.meta_lr, grad_clip=c.grad_clip, desc=f"{self.name} meta",
                                  checkpoint_every=1, log_every=1)
-        res = train_loop(params, chunks, lambda ch: self._meta_loss(lm, train, ch), settings,
-                         weights=[len(ch) for ch in chunks], checkpoint=checkpoint, state=state, on_step=on_step)
+        try:
+            res = train_loop(params, chunks, lambda ch: self._meta_loss(lm, train, ch), settings,
+                             weights=[len(ch) for ch in chunks], checkpoint=checkpoint, state=state, on_step=on_step,
+                             progress=rank == 0, write_checkpoints=rank == 0)
+        finally:
+            self._ddp = None
         if val is not None and torch.isfinite(best_score):
             with torch.no_grad():  # keep the best validated state (the official code keeps the last: our addition)
                 for dst, src in zip(params + norms, best):
@@ -399,6 +429,77 @@ class HyperEditor(TrainedEditor):
         if val is not None:
             out.update({"val_best_loss": float(best_score), "val_cases": len(val.gen), "validation": history})
         return out
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size) under an initialised torch.distributed process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _share(chunk: list[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s contiguous share of ``chunk`` (sizes differ by at most one)."""
+    q, r = divmod(len(chunk), world)
+    start = rank * q + min(rank, r)
+    return chunk[start : start + q + (rank < r)]
+
+
+def _all_sum(n: int, world: int) -> int:
+    if world == 1:
+        return n
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.long)
+    dist.all_reduce(t)
+    return int(t)
+
+
+def _gather_rows(x: torch.Tensor, device) -> torch.Tensor:
+    """Every rank's rows of x (n_r, d), concatenated in rank order (all-gather of padded blocks)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    most = max(int(k) for k in sizes)
+    pad = torch.zeros((max(most, 1), x.shape[1]), dtype=x.dtype, device=device)
+    pad[: x.shape[0]] = x.to(device)
+    outs = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(outs, pad)
+    return torch.cat([o[: int(k)] for o, k in zip(outs, sizes)]).to(x.device)
+
+
+def _gather_capture(cap, paths: list[str], lm: LM):
+    """The captures of every rank as one (rows in rank order); ``cap`` None: this rank captured nothing."""
+    import torch.distributed as dist
+
+    from .capture import Captured
+
+    device = lm.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    U, G = {}, {}
+    for p in paths:
+        d_out, d_in = weight_as_out_in(lm.model.get_submodule(p), lm.arch).shape
+        u = cap.U[p] if cap is not None else torch.zeros((0, d_in))
+        g = cap.G[p] if cap is not None else torch.zeros((0, d_out))
+        U[p], G[p] = _gather_rows(u, device), _gather_rows(g, device)
+    fact = torch.zeros(U[paths[0]].shape[0], dtype=torch.long)  # row ownership is not needed after the gather
+    return Captured(U, G, fact)
+
+
+class _Shifter(nn.Module):
+    """The editor networks as one module whose forward predicts the shifts: what DistributedDataParallel wraps."""
+
+    def __init__(self, editor: HyperEditor) -> None:
+        super().__init__()
+        self.nets = nn.ModuleDict(editor.nets)
+        self.editor = editor
+
+    def forward(self, cap) -> dict[str, torch.Tensor]:
+        return self.editor.shifts(cap)
 
 
 def _row_mean(x: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
