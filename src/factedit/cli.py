@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", help="benchmark file (default: shared/data beside the checkout)")
     sp.add_argument("--data-dir", help="data folder for WikiText-2 (default: FACTEDIT_DATA or shared/data)")
     sp.add_argument("--mode", default="batch", choices=["single", "batch", "sequential"])
-    sp.add_argument("--batch-size", type=int, default=100, help="edits per round in sequential mode")
+    sp.add_argument("--batch-size", type=int, help="sequential mode: edits per round (default 100); batch mode: facts "
+                    "per call, each call on the unedited model and reverted (default: all facts in one call)")
     sp.add_argument("--limit", type=int, help="first N records")
     sp.add_argument("--zsre-target", default="answer", choices=["answer", "alt"],
                     help="MEND-format zsRE edit target: gold answer (MEMIT protocol) or alt (EasyEdit)")

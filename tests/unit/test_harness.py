@@ -5,6 +5,7 @@ from tiny import assert_records_close, tiny_lm
 
 from factedit import EditRequest, EvalCase, FactEditError, get_editor
 from factedit.eval.harness import EvalConfig, Runner
+from factedit.fsutil import read_jsonl
 
 FT = dict(layer=1, lr=0.05, norm_constraint=1.0, steps=15)
 ECFG = EvalConfig(batch_size=4, ppl_tokens=64, ppl_window=16, fluency_cases=1, gen_length=12)
@@ -29,8 +30,9 @@ def zsre_cases():
 
 def run(tmp_path, name, mode, cases=None, bench="counterfact", eval_cfg=ECFG, **kw):
     lm = tiny_lm("llama")
+    kw.setdefault("edit_batch", 2 if mode == "sequential" else None)
     return Runner(lm, get_editor("ft", lm, **FT), cases or cf_cases(), bench=bench, mode=mode, out=tmp_path / name,
-                  edit_batch=2, eval_cfg=eval_cfg, general_text=TEXT, **kw).run()
+                  eval_cfg=eval_cfg, general_text=TEXT, **kw).run()
 
 
 @pytest.mark.parametrize("mode", ["batch", "sequential", "single"])
@@ -190,3 +192,19 @@ def test_a_case_with_several_edits_applies_them_all(tmp_path):
     assert s["post"]["efficacy"] == 100.0
     with pytest.raises(FactEditError, match="must be EditRequest"):
         EvalCase(request=two.request, extra_requests=("not a request",))
+
+
+def test_batch_mode_in_calls_edits_each_call_on_the_unedited_model(tmp_path):
+    cases = cf_cases()
+    assert len(cases) >= 4
+    s = run(tmp_path, "calls", "batch", cases=cases[:4], edit_batch=2)
+    assert s["edit_batch"] == 2 and s["n_cases"] == 4
+    assert sorted(p.name for p in (tmp_path / "calls" / "calls").iterdir()) == ["0000", "0001"]
+    recs = {r["index"]: r for r in read_jsonl(tmp_path / "calls" / "cases.jsonl")}
+    for k, part in enumerate((cases[:2], cases[2:4])):  # each call equals a batch run of its facts alone
+        alone = run(tmp_path, f"alone{k}", "batch", cases=part)
+        assert alone["edit_batch"] is None
+        for r in read_jsonl(tmp_path / f"alone{k}" / "cases.jsonl"):
+            assert_records_close(recs[r["index"] + 2 * k]["post"], r["post"])
+    with pytest.raises(FactEditError, match="single mode"):
+        run(tmp_path, "single", "single", edit_batch=2)

@@ -69,15 +69,19 @@ def _add_time(out: Path, key: str, seconds: float) -> None:
 
 class Runner:
     def __init__(self, lm: LM, editor: Editor, cases: list[EvalCase], *, bench: str, mode: str, out: Path,
-                 edit_batch: int = 100, eval_cfg: EvalConfig | None = None, general_text: str | None = None,
+                 edit_batch: int | None = None, eval_cfg: EvalConfig | None = None, general_text: str | None = None,
                  data: str | None = None, pre_only: bool = False, pre_from: Path | None = None) -> None:
         if mode not in MODES:
             raise FactEditError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
         get_benchmark(bench)  # an unknown benchmark is refused by name
         if not cases:
             raise FactEditError("no evaluation cases")
-        if edit_batch < 1:
+        if edit_batch is not None and edit_batch < 1:
             raise FactEditError("--batch-size must be at least 1")
+        if mode == "sequential" and edit_batch is None:
+            edit_batch = 100
+        if mode == "single" and edit_batch is not None:
+            raise FactEditError("--batch-size has no meaning in single mode (one fact per edit)")
         self.lm, self.editor, self.cases, self.bench, self.mode = lm, editor, cases, bench, mode
         self.out, self.edit_batch = Path(out), edit_batch
         self.cfg = eval_cfg or EvalConfig()
@@ -89,7 +93,7 @@ class Runner:
             "method": editor.name, "method_config": editor.config_dict(), "preset": editor.preset,
             "model": lm.name, "fingerprint": lm.fingerprint, "bench": bench, "data": data, "mode": mode,
             "n_cases": len(cases), "case_ids": [c.case_id for c in cases][:5],
-            "edit_batch": edit_batch if mode == "sequential" else None,
+            "edit_batch": edit_batch,
             "eval": dataclasses.asdict(self.cfg), "general_text": bool(general_text), "pre_only": pre_only,
         }
         trained = getattr(editor, "trained", None)
@@ -248,6 +252,19 @@ class Runner:
                         _add_time(self.out, "edit_s", dt)
                         with patch.apply(self.lm):
                             self._post_records([i], pre, w, extra={"edit_s": round(dt, 3)})
+                elif self.mode == "batch" and self.edit_batch is not None and self.edit_batch < len(self.cases):
+                    # calls of --batch-size facts, each on the unedited model and reverted after its facts are
+                    # scored (how batch editing is measured at m facts per call); no general post-edit figures
+                    k = self.edit_batch
+                    calls = [list(range(s, min(s + k, len(self.cases)))) for s in range(0, len(self.cases), k)]
+                    for r, idx in enumerate(tqdm(calls, desc=f"calls of {k}", disable=None)):
+                        if left := [i for i in idx if i not in done]:
+                            patch = self._compute_saved(self.out / f"calls/{r:04d}",
+                                                        [q for i in idx for q in self.cases[i].requests])
+                            with patch.apply(self.lm):
+                                self._post_records(left, pre, w, extra={"call": r})
+                    log.info("batch: %d calls of %d facts; perplexity and fluency after an edit are not measured "
+                             "(each call is reverted)", len(calls), k)
                 else:
                     k = len(self.cases) if self.mode == "batch" else self.edit_batch
                     rounds = [list(range(s, min(s + k, len(self.cases)))) for s in range(0, len(self.cases), k)]
