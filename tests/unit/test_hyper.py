@@ -303,3 +303,17 @@ def test_validation_keeps_the_best_state_and_resumes(tmp_path, monkeypatch):
     got = _state(fit(tmp_path / "ckpt")[1])
     for k in want:  # the best state and its score travel with the checkpoint
         assert torch.equal(want[k], got[k]), k
+
+
+def test_zero_epochs_is_the_untrained_counterpart():
+    from factedit import get_editor
+
+    lm = tiny_lm("llama")
+    ed = get_editor("malmen", lm, **{**HYPER, "epochs": 0}, val_every=1)
+    m = ed.fit(lm, _cases(), val_cases=_cases())
+    assert m["meta_steps"] == 0 and len(m["validation"]) == 1
+    rows = ed._capture(lm, [c.request for c in _cases()]).n_rows
+    for net in ed.nets.values():
+        assert all(float(b.abs().sum()) == 0 for b in net.B)  # the identity networks
+        assert float(net.norm.count) == rows  # the normalisers saw every training capture once
+    assert ed.compute(lm, [_cases()[0].request]).deltas  # and it edits

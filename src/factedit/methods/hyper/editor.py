@@ -39,7 +39,7 @@ from ...lm.load import LM, cache_root
 from ...lm.prefix import block_inputs, pad_hidden, start_at
 from ...patch.weights import Delta, WeightPatch
 from ...types import EditRequest, EvalCase
-from ..train import TrainSettings, train_loop
+from ..train import TrainResult, TrainSettings, train_loop
 from ..trained import TrainedEditor
 from .aggregate import mend_sum, ridge_factors, ridge_solve, value_differences
 from .capture import capture
@@ -62,8 +62,9 @@ class HyperConfig:
     edit_batch: PosInt = 256  # m, facts per meta-step (published 512 zsRE, 1024 FEVER)
     lm_batch: PosInt = 32  # facts per LM forward/backward
     # passes over the training facts: published one epoch of ⌊N/m⌋ ≈ 100 steps (FEVER); on the 9,102
-    # CounterFact training facts at m = 256 one epoch is 35 steps, three give ~100
-    epochs: PosInt = 3
+    # CounterFact training facts at m = 256 one epoch is 36 steps, three give 108. 0: the untrained counterpart
+    # (identity networks, η from the search, normalisers fitted on the training captures), for comparisons
+    epochs: NonNegInt = 3
     loc_coef: NonNegFloat = 1.0  # weight of the locality loss
     grad_clip: PosFloat = 1.0
     seed: int = 0  # the networks' initialisation
@@ -409,13 +410,21 @@ class HyperEditor(TrainedEditor):
 
         settings = TrainSettings(steps=c.epochs, lr=c.meta_lr, grad_clip=c.grad_clip, desc=f"{self.name} meta",
                                  checkpoint_every=1, log_every=1)
-        try:
-            res = train_loop(params, chunks, lambda ch: self._meta_loss(lm, train, ch), settings,
-                             weights=[len(ch) for ch in chunks], checkpoint=checkpoint, state=state, on_step=on_step,
-                             progress=rank == 0, write_checkpoints=rank == 0)
-        finally:
+        if c.epochs == 0:  # untrained: only the normalisers see the training captures (no meta-step)
             self._ddp = None
-        if val is not None and torch.isfinite(best_score):
+            for ch in tqdm(chunks, desc=f"{self.name} normalisers", leave=False, disable=None if rank == 0 else True):
+                self._normalise_on(lm, train, ch)
+            res = TrainResult(steps=0, loss=float("nan"))
+            if val is not None:
+                on_step(0)
+        else:
+            try:
+                res = train_loop(params, chunks, lambda ch: self._meta_loss(lm, train, ch), settings,
+                                 weights=[len(ch) for ch in chunks], checkpoint=checkpoint, state=state,
+                                 on_step=on_step, progress=rank == 0, write_checkpoints=rank == 0)
+            finally:
+                self._ddp = None
+        if c.epochs > 0 and val is not None and torch.isfinite(best_score):
             with torch.no_grad():  # keep the best validated state (the official code keeps the last: our addition)
                 for dst, src in zip(params + norms, best):
                     dst.copy_(src)
