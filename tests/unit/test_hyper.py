@@ -315,5 +315,5 @@ def test_zero_epochs_is_the_untrained_counterpart():
     rows = ed._capture(lm, [c.request for c in _cases()]).n_rows
     for net in ed.nets.values():
         assert all(float(b.abs().sum()) == 0 for b in net.B)  # the identity networks
-        assert float(net.norm.count) == rows  # the normalisers saw every training capture once
+        assert float(net.norm.count) == rows * net.n_modules  # every module's training capture, once
     assert ed.compute(lm, [_cases()[0].request]).deltas  # and it edits
