@@ -208,3 +208,14 @@ def test_batch_mode_in_calls_edits_each_call_on_the_unedited_model(tmp_path):
             assert_records_close(recs[r["index"] + 2 * k]["post"], r["post"])
     with pytest.raises(FactEditError, match="single mode"):
         run(tmp_path, "single", "single", edit_batch=2)
+
+
+def test_counterfact_neighbourhood_agreement_compares_argmax_tokens_with_the_unedited_model(tmp_path):
+    s = run(tmp_path, "agree", "batch")
+    recs = read_jsonl(tmp_path / "agree" / "cases.jsonl")
+    pre = {r["index"]: r["pre"] for r in read_jsonl(tmp_path / "agree" / "pre.jsonl")}
+    for r in recs:
+        a = r["post"]["raw"]["neighborhood_true"][0]["argmax"]
+        b = pre[r["index"]]["raw"]["neighborhood_true"][0]["argmax"]
+        assert r["post"]["neighborhood_agreement"] == pytest.approx(sum(x == y for x, y in zip(a, b)) / len(a))
+    assert 0.0 <= s["post"]["neighborhood_agreement"] <= 100.0  # summaries in percent

@@ -86,6 +86,12 @@ def _cf_metrics(rec: dict, pre: dict | None = None) -> dict[str, float]:
         m["specificity"] = mean(float(t["nll"] < n["nll"]) for n, t in zip(new, true))
         m["specificity_magnitude"] = mean(_p(t) - _p(n) for n, t in zip(new, true))
         m["specificity_acc"] = mean(float(t["acc"] == 1.0) for t in true)
+    if pre is not None and true and pre.get("raw", {}).get("neighborhood_true"):
+        # locality as agreement with the unedited model (MALMEN's LS, the zsRE locality): the share of the
+        # teacher-forced argmax tokens along the true neighbourhood target that the edit left unchanged
+        agree = [mean(float(x == y) for x, y in zip(a["argmax"], b["argmax"])) if a["argmax"] else 0.0
+                 for a, b in zip(true, pre["raw"]["neighborhood_true"])]
+        m["neighborhood_agreement"] = mean(agree)
     return m
 
 
