@@ -1,0 +1,109 @@
+"""MALMEN's scaling claim at this scale: the same facts edited at m facts per call, by several trained editors.
+
+For every editor (NAME=DIR: MALMEN, MEND, their untrained counterparts, ...) and every m, the first N CounterFact-edit
+facts are edited in calls of m facts, each call on the unedited model and reverted after its facts are scored
+(`factedit eval --mode batch --batch-size m`). The unedited model's records are computed once and shared
+(`--pre-from`). Per (editor, m): efficacy and generalisation (probability comparison and exact-match token
+accuracy), specificity (the neighbourhood score) and neighbourhood agreement with the unedited model, each with a
+95% bootstrap interval over the facts; one PNG per metric against m. Every run folder resumes where it stopped.
+
+    python bench/malmen_scaling.py --editor malmen=runs/malmen-cf --editor malmen-untrained=runs/malmen-u0 \\
+        --m 1,16,64,256,1024 --n 1024 --runs runs/scaling --out bench/results/malmen_scaling.json \\
+        --plots docs/img/malmen_scaling
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+METRICS = ("efficacy", "efficacy_acc", "generalization", "generalization_acc", "specificity", "neighborhood_agreement")
+
+
+def bootstrap(values: list[float], reps: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95% percentile interval (percent)."""
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
+    return 100 * sum(values) / n, 100 * means[int(0.025 * reps)], 100 * means[int(0.975 * reps) - 1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--editor", action="append", required=True, help="NAME=DIR of a trained MEND/MALMEN editor")
+    ap.add_argument("--m", default="1,16,64,256,1024", help="facts per call")
+    ap.add_argument("--n", type=int, default=1024, help="first N counterfact-edit records")
+    ap.add_argument("--runs", default="runs/scaling", help="folder for the run folders")
+    ap.add_argument("--out", default="bench/results/malmen_scaling.json")
+    ap.add_argument("--plots", help="prefix of the PNG plots (one per metric)")
+    args = ap.parse_args()
+
+    from factedit import cli
+    from factedit.fsutil import read_jsonl, write_json
+
+    editors = dict(e.split("=", 1) for e in args.editor)
+    ms = [int(x) for x in args.m.split(",")]
+    runs = Path(args.runs)
+    pre = runs / "pre"
+    common = ["--bench", "counterfact", "--limit", str(args.n), "--set", "eval.ppl_tokens=0",
+              "--set", "eval.fluency_cases=0"]
+    if not (pre / "summary.json").exists():
+        assert cli.main(["eval", "--method", "malmen", "--editor", next(iter(editors.values())), *common,
+                         "--pre-only", "--out", str(pre)]) == 0
+    table = {}
+    for name, folder in editors.items():
+        method = json.loads((Path(folder) / "editor.json").read_text())["method"]
+        for m in ms:
+            out = runs / f"{name}-m{m}"
+            if not (out / "summary.json").exists():
+                assert cli.main(["eval", "--method", method, "--editor", folder, *common, "--mode", "batch",
+                                 "--batch-size", str(m), "--pre-from", str(pre), "--out", str(out)]) == 0
+            recs = read_jsonl(out / "cases.jsonl")
+            timing = json.loads((out / "summary.json").read_text())["timing"]
+            row = {"n": len(recs), "edit_s_per_fact": timing["edit_s_per_fact"]}
+            for k in METRICS:
+                vals = [r["post"][k] for r in recs if k in r["post"]]
+                if vals:
+                    row[k] = dict(zip(("mean", "lo", "hi"), (round(x, 2) for x in bootstrap(vals))))
+            table.setdefault(name, {})[m] = row
+            print(name, m, {k: v["mean"] for k, v in row.items() if isinstance(v, dict)})
+    pre_recs = read_jsonl(pre / "cases.jsonl") or read_jsonl(pre / "pre.jsonl")
+    unedited = {}
+    for k in ("efficacy", "generalization", "specificity"):
+        vals = [r["pre"][k] for r in pre_recs if k in r.get("pre", {})]
+        if vals:
+            unedited[k] = round(100 * sum(vals) / len(vals), 2)
+    write_json(Path(args.out), {"n": args.n, "m": ms, "editors": editors, "unedited": unedited, "results": table})
+    if args.plots:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        Path(args.plots).parent.mkdir(parents=True, exist_ok=True)
+        for k in METRICS:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for name, rows in table.items():
+                xs = [m for m in ms if k in rows[m]]
+                if not xs:
+                    continue
+                mean = [rows[m][k]["mean"] for m in xs]
+                ax.errorbar(xs, mean, yerr=[[a - rows[m][k]["lo"] for m, a in zip(xs, mean)],
+                                            [rows[m][k]["hi"] - a for m, a in zip(xs, mean)]],
+                            marker="o", capsize=3, label=name)
+            if k in unedited:
+                ax.axhline(unedited[k], color="grey", ls=":", label="unedited")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("facts per call (m)")
+            ax.set_ylabel(f"{k} (%)")
+            ax.set_title(f"{k}, first {args.n} CounterFact facts")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(f"{args.plots}-{k}.png", dpi=120)
+            plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
