@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 
 METRICS = ("efficacy", "efficacy_acc", "generalization", "generalization_acc", "specificity", "neighborhood_agreement")
+PLOTTED = (*METRICS, "generalization_true_paraphrase")
 
 
 def bootstrap(values: list[float], reps: int = 1000, seed: int = 0) -> tuple[float, float, float]:
@@ -41,7 +42,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from factedit import cli
+    from factedit.data import default_bench_file, load_counterfact
+    from factedit.data.counterfact import is_true_paraphrase
     from factedit.fsutil import read_jsonl, write_json
+
+    para = {c.case_id for c in load_counterfact(default_bench_file("counterfact"), args.n)
+            if c.paraphrase_prompts and is_true_paraphrase(c.paraphrase_prompts[0], c.request.subject)}
 
     editors = dict(e.split("=", 1) for e in args.editor)
     ms = [int(x) for x in args.m.split(",")]
@@ -67,6 +73,12 @@ def main() -> None:
                 vals = [r["post"][k] for r in recs if k in r["post"]]
                 if vals:
                     row[k] = dict(zip(("mean", "lo", "hi"), (round(x, 2) for x in bootstrap(vals))))
+            # generalisation on the records whose rephrase prompt is a true paraphrase (most are generation prompts)
+            vals = [r["post"]["generalization"] for r in recs if r["case_id"] in para and "generalization" in r["post"]]
+            if vals:
+                row["generalization_true_paraphrase"] = dict(zip(("mean", "lo", "hi"),
+                                                                 (round(x, 2) for x in bootstrap(vals))))
+                row["n_true_paraphrase"] = len(vals)
             table.setdefault(name, {})[m] = row
             print(name, m, {k: v["mean"] for k, v in row.items() if isinstance(v, dict)})
     pre_recs = read_jsonl(pre / "cases.jsonl") or read_jsonl(pre / "pre.jsonl")
@@ -83,7 +95,7 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         Path(args.plots).parent.mkdir(parents=True, exist_ok=True)
-        for k in METRICS:
+        for k in PLOTTED:
             fig, ax = plt.subplots(figsize=(5, 3.5))
             for name, rows in table.items():
                 xs = [m for m in ms if k in rows[m]]

@@ -219,3 +219,13 @@ def test_counterfact_neighbourhood_agreement_compares_argmax_tokens_with_the_une
         b = pre[r["index"]]["raw"]["neighborhood_true"][0]["argmax"]
         assert r["post"]["neighborhood_agreement"] == pytest.approx(sum(x == y for x, y in zip(a, b)) / len(a))
     assert 0.0 <= s["post"]["neighborhood_agreement"] <= 100.0  # summaries in percent
+
+
+def test_true_paraphrases_are_the_prompts_with_a_prefix_sentence():
+    from factedit.data.counterfact import is_true_paraphrase
+
+    assert is_true_paraphrase("One person killed. Heath Brothers plays", "Heath Brothers")
+    assert is_true_paraphrase("Ádám Rajhona, 72, Hungarian actor. The twin city of Kharkiv is", "Kharkiv")
+    assert not is_true_paraphrase("Where Danielle Darrieux is from, people speak the language of", "Danielle Darrieux")
+    assert not is_true_paraphrase("Ferrari F40 is sold by", "Ferrari F40")
+    assert not is_true_paraphrase("Mr. Smith lives in", "Paris")  # no subject mention: not a paraphrase of it

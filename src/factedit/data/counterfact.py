@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ..errors import FactEditError
 from ..types import EditRequest, EvalCase
 from .io import need, read_records
@@ -48,3 +50,15 @@ def load_counterfact(path, limit: int | None = None) -> list[EvalCase]:
             raise FactEditError(f"{where}: expected an object, got {type(rec).__name__}")
         out.append(_rome_case(rec, where) if "requested_rewrite" in rec else _easyedit_case(rec, where))
     return out
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]?\s")
+
+
+def is_true_paraphrase(prompt: str, subject: str) -> bool:
+    """Whether an EasyEdit CounterFact ``rephrase_prompt`` is one of CounterFact's paraphrase prompts rather than
+    a generation prompt. CounterFact builds its paraphrase prompts as a random prefix sentence followed by the
+    paraphrase, and its generation prompts without one, so a sentence end before the subject's last mention
+    marks a paraphrase (15.8% of counterfact-edit, 16.6% of counterfact-train: the ~16% of specs/hypernetwork.md)."""
+    i = prompt.rfind(subject)
+    return i > 0 and _SENTENCE_END.search(prompt[:i]) is not None
