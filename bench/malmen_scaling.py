@@ -88,6 +88,16 @@ def main() -> None:
         if vals:
             unedited[k] = round(100 * sum(vals) / len(vals), 2)
     write_json(Path(args.out), {"n": args.n, "m": ms, "editors": editors, "unedited": unedited, "results": table})
+    cols = ("efficacy", "efficacy_acc", "generalization", "generalization_true_paraphrase", "specificity",
+            "neighborhood_agreement")
+    lines = ["| editor | m | " + " | ".join(cols) + " |", "| --- | --- |" + " --- |" * len(cols)]
+    lines.append("| unedited | - | " + " | ".join(str(unedited.get(k, "-")) for k in cols) + " |")
+    for name, rows in table.items():
+        for m in ms:
+            lines.append(f"| {name} | {m} | " + " | ".join(
+                f"{rows[m][k]['mean']:.1f} [{rows[m][k]['lo']:.1f}, {rows[m][k]['hi']:.1f}]" if k in rows[m] else "-"
+                for k in cols) + " |")
+    print("\n".join(lines))
     if args.plots:
         import matplotlib
 
