@@ -314,6 +314,6 @@ def test_zero_epochs_is_the_untrained_counterpart():
     assert m["meta_steps"] == 0 and len(m["validation"]) == 1
     rows = ed._capture(lm, [c.request for c in _cases()]).n_rows
     for net in ed.nets.values():
-        assert all(float(b.abs().sum()) == 0 for b in net.B)  # the identity networks
+        assert all(float(b.detach().abs().sum()) == 0 for b in net.B)  # the identity networks
         assert float(net.norm.count) == rows * net.n_modules  # every module's training capture, once
     assert ed.compute(lm, [_cases()[0].request]).deltas  # and it edits
