@@ -12,12 +12,16 @@ two minutes on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zstar_speed import cpu_name  # noqa: E402  (bench/zstar_speed.py, beside this script)
 
 
 def main() -> None:
@@ -30,7 +34,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import json
-    from pathlib import Path
 
     from factedit.data import default_bench_file, load_counterfact
     from factedit.fsutil import write_json
@@ -60,13 +63,9 @@ def main() -> None:
         "edit_s": times, "edit_s_median": statistics.median(times), "capture_s": caps,
         "capture_s_median": statistics.median(caps), "per_fact_ms": 1000 * statistics.median(times) / len(reqs),
         "patch_params": n_params, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "factedit": __version__},
     }
-    try:
-        out["machine"]["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     write_json(Path(args.out), out)
     print(json.dumps({k: v for k, v in out.items() if k not in ("edit_s", "capture_s")}, indent=1))
 

@@ -50,6 +50,12 @@ def get_benchmark(name: str) -> Benchmark:
     return BENCHMARKS[name]
 
 
+def _agreement(post: list[dict], pre: list[dict]) -> float:
+    """Mean over probes of the share of teacher-forced argmax tokens the edit left as the unedited model had them."""
+    return mean(mean(float(x == y) for x, y in zip(a["argmax"], b["argmax"])) if a["argmax"] else 0.0
+                for a, b in zip(post, pre))
+
+
 def _p(x: dict) -> float:
     import math
 
@@ -89,9 +95,7 @@ def _cf_metrics(rec: dict, pre: dict | None = None) -> dict[str, float]:
     if pre is not None and true and pre.get("raw", {}).get("neighborhood_true"):
         # locality as agreement with the unedited model (MALMEN's LS, the zsRE locality): the share of the
         # teacher-forced argmax tokens along the true neighbourhood target that the edit left unchanged
-        agree = [mean(float(x == y) for x, y in zip(a["argmax"], b["argmax"])) if a["argmax"] else 0.0
-                 for a, b in zip(true, pre["raw"]["neighborhood_true"])]
-        m["neighborhood_agreement"] = mean(agree)
+        m["neighborhood_agreement"] = _agreement(true, pre["raw"]["neighborhood_true"])
     return m
 
 
@@ -117,11 +121,7 @@ def _zsre_metrics(rec: dict, pre: dict | None = None) -> dict[str, float]:
         if rec.get(g):
             m[name] = mean(x["acc"] for x in rec[g])
     if pre is not None and rec.get("locality"):
-        agree = []
-        for post_x, pre_x in zip(rec["locality"], pre["raw"]["locality"]):
-            a, b = post_x["argmax"], pre_x["argmax"]
-            agree.append(mean(float(x == y) for x, y in zip(a, b)) if a else 0.0)
-        m["locality"] = mean(agree)
+        m["locality"] = _agreement(rec["locality"], pre["raw"]["locality"])
     return m
 
 

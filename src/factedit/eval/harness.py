@@ -67,6 +67,11 @@ def _add_time(out: Path, key: str, seconds: float) -> None:
     write_json(out / "timing.json", t)
 
 
+def _chunks(n: int, k: int) -> list[list[int]]:
+    """Indices 0..n-1 in consecutive groups of k (the last may be shorter)."""
+    return [list(range(s, min(s + k, n))) for s in range(0, n, k)]
+
+
 class Runner:
     def __init__(self, lm: LM, editor: Editor, cases: list[EvalCase], *, bench: str, mode: str, out: Path,
                  edit_batch: int | None = None, eval_cfg: EvalConfig | None = None, general_text: str | None = None,
@@ -256,7 +261,7 @@ class Runner:
                     # calls of --batch-size facts, each on the unedited model and reverted after its facts are
                     # scored (how batch editing is measured at m facts per call); no general post-edit figures
                     k = self.edit_batch
-                    calls = [list(range(s, min(s + k, len(self.cases)))) for s in range(0, len(self.cases), k)]
+                    calls = _chunks(len(self.cases), k)
                     for r, idx in enumerate(tqdm(calls, desc=f"calls of {k}", disable=None)):
                         if left := [i for i in idx if i not in done]:
                             patch = self._compute_saved(self.out / f"calls/{r:04d}",
@@ -267,7 +272,7 @@ class Runner:
                              "(each call is reverted)", len(calls), k)
                 else:
                     k = len(self.cases) if self.mode == "batch" else self.edit_batch
-                    rounds = [list(range(s, min(s + k, len(self.cases)))) for s in range(0, len(self.cases), k)]
+                    rounds = _chunks(len(self.cases), k)
                     seq = self.mode == "sequential"
                     stream = self._stream() if seq else None
                     for r, idx in enumerate(tqdm(rounds, desc=f"{self.mode} edits", disable=None)):

@@ -380,8 +380,8 @@ class HyperEditor(TrainedEditor):
         state = norms + best + [best_score]
         resuming = checkpoint is not None and read_bundle(checkpoint) is not None
         rank, world = _dist()
-        if world > 1:  # DistributedDataParallel averages the ranks' gradients (no buffer broadcast: the
-            # normalisers see the gathered rows on every rank alike); MEND's log-λ takes no gradient
+        if world > 1 and c.epochs > 0:  # DistributedDataParallel averages the ranks' gradients (no buffer
+            # broadcast: the normalisers see the gathered rows on every rank alike); MEND's log-λ takes no gradient
             from torch.nn.parallel import DistributedDataParallel
 
             self._ddp = DistributedDataParallel(_Shifter(self), broadcast_buffers=False, find_unused_parameters=True)
@@ -411,7 +411,6 @@ class HyperEditor(TrainedEditor):
         settings = TrainSettings(steps=c.epochs, lr=c.meta_lr, grad_clip=c.grad_clip, desc=f"{self.name} meta",
                                  checkpoint_every=1, log_every=1)
         if c.epochs == 0:  # untrained: only the normalisers see the training captures (no meta-step)
-            self._ddp = None
             for ch in tqdm(chunks, desc=f"{self.name} normalisers", leave=False, disable=None if rank == 0 else True):
                 self._normalise_on(lm, train, ch)
             res = TrainResult(steps=0, loss=float("nan"))
