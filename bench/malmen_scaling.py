@@ -10,6 +10,12 @@ accuracy), specificity (the neighbourhood score) and neighbourhood agreement wit
     python bench/malmen_scaling.py --editor malmen=runs/malmen-cf --editor malmen-untrained=runs/malmen-u0 \\
         --m 1,16,64,256,1024 --n 1024 --runs runs/scaling --out bench/results/malmen_scaling.json \\
         --plots docs/img/malmen_scaling
+
+``--baseline METHOD`` (repeatable) adds a method that needs no trained editor (memit, alphaedit, ...) with its
+model preset, all N facts in one call (m = N), beside the editors: what the issue compares MALMEN with.
+
+    python bench/malmen_scaling.py --baseline memit --baseline alphaedit --n 1024 --runs runs/scaling \\
+        --out bench/results/locate_scaling.json
 """
 
 from __future__ import annotations
@@ -33,13 +39,17 @@ def bootstrap(values: list[float], reps: int = 1000, seed: int = 0) -> tuple[flo
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--editor", action="append", required=True, help="NAME=DIR of a trained MEND/MALMEN editor")
+    ap.add_argument("--editor", action="append", default=[], help="NAME=DIR of a trained MEND/MALMEN editor")
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="a method without a trained editor (memit, alphaedit, ...), all N facts in one call")
     ap.add_argument("--m", default="1,16,64,256,1024", help="facts per call")
     ap.add_argument("--n", type=int, default=1024, help="first N counterfact-edit records")
     ap.add_argument("--runs", default="runs/scaling", help="folder for the run folders")
     ap.add_argument("--out", default="bench/results/malmen_scaling.json")
     ap.add_argument("--plots", help="prefix of the PNG plots (one per metric)")
     args = ap.parse_args()
+    if not args.editor and not args.baseline:
+        ap.error("name at least one --editor NAME=DIR or --baseline METHOD")
 
     from factedit import cli
     from factedit.data import default_bench_file, load_counterfact
@@ -56,44 +66,47 @@ def main() -> None:
     common = ["--bench", "counterfact", "--limit", str(args.n), "--set", "eval.ppl_tokens=0",
               "--set", "eval.fluency_cases=0"]
     if not (pre / "summary.json").exists():
-        assert cli.main(["eval", "--method", "malmen", "--editor", next(iter(editors.values())), *common,
-                         "--pre-only", "--out", str(pre)]) == 0
+        first = (["--method", "malmen", "--editor", next(iter(editors.values()))] if editors
+                 else ["--method", args.baseline[0]])
+        assert cli.main(["eval", *first, *common, "--pre-only", "--out", str(pre)]) == 0
+    jobs = [(name, ["--method", json.loads((Path(folder) / "editor.json").read_text())["method"], "--editor", folder], m)
+            for name, folder in editors.items() for m in ms]
+    jobs += [(method, ["--method", method], args.n) for method in args.baseline]
     table = {}
-    for name, folder in editors.items():
-        method = json.loads((Path(folder) / "editor.json").read_text())["method"]
-        for m in ms:
-            out = runs / f"{name}-m{m}"
-            if not (out / "summary.json").exists():
-                assert cli.main(["eval", "--method", method, "--editor", folder, *common, "--mode", "batch",
-                                 "--batch-size", str(m), "--pre-from", str(pre), "--out", str(out)]) == 0
-            recs = read_jsonl(out / "cases.jsonl")
-            timing = json.loads((out / "summary.json").read_text())["timing"]
-            row = {"n": len(recs), "edit_s_per_fact": timing["edit_s_per_fact"]}
-            for k in METRICS:
-                vals = [r["post"][k] for r in recs if k in r["post"]]
-                if vals:
-                    row[k] = dict(zip(("mean", "lo", "hi"), (round(x, 2) for x in bootstrap(vals))))
-            # generalisation on the records whose rephrase prompt is a true paraphrase (most are generation prompts)
-            vals = [r["post"]["generalization"] for r in recs if r["case_id"] in para and "generalization" in r["post"]]
+    for name, how, m in jobs:
+        out = runs / f"{name}-m{m}"
+        if not (out / "summary.json").exists():
+            assert cli.main(["eval", *how, *common, "--mode", "batch",
+                             "--batch-size", str(m), "--pre-from", str(pre), "--out", str(out)]) == 0
+        recs = read_jsonl(out / "cases.jsonl")
+        timing = json.loads((out / "summary.json").read_text())["timing"]
+        row = {"n": len(recs), "edit_s_per_fact": timing["edit_s_per_fact"]}
+        for k in METRICS:
+            vals = [r["post"][k] for r in recs if k in r["post"]]
             if vals:
-                row["generalization_true_paraphrase"] = dict(zip(("mean", "lo", "hi"),
-                                                                 (round(x, 2) for x in bootstrap(vals))))
-                row["n_true_paraphrase"] = len(vals)
-            table.setdefault(name, {})[m] = row
-            print(name, m, {k: v["mean"] for k, v in row.items() if isinstance(v, dict)})
+                row[k] = dict(zip(("mean", "lo", "hi"), (round(x, 2) for x in bootstrap(vals))))
+        # generalisation on the records whose rephrase prompt is a true paraphrase (most are generation prompts)
+        vals = [r["post"]["generalization"] for r in recs if r["case_id"] in para and "generalization" in r["post"]]
+        if vals:
+            row["generalization_true_paraphrase"] = dict(zip(("mean", "lo", "hi"),
+                                                             (round(x, 2) for x in bootstrap(vals))))
+            row["n_true_paraphrase"] = len(vals)
+        table.setdefault(name, {})[m] = row
+        print(name, m, {k: v["mean"] for k, v in row.items() if isinstance(v, dict)})
     pre_recs = read_jsonl(pre / "cases.jsonl") or read_jsonl(pre / "pre.jsonl")
     unedited = {}
     for k in ("efficacy", "generalization", "specificity"):
         vals = [r["pre"][k] for r in pre_recs if k in r.get("pre", {})]
         if vals:
             unedited[k] = round(100 * sum(vals) / len(vals), 2)
-    write_json(Path(args.out), {"n": args.n, "m": ms, "editors": editors, "unedited": unedited, "results": table})
+    write_json(Path(args.out), {"n": args.n, "m": ms, "editors": editors, "baselines": args.baseline,
+                                "unedited": unedited, "results": table})
     cols = ("efficacy", "efficacy_acc", "generalization", "generalization_true_paraphrase", "specificity",
             "neighborhood_agreement")
     lines = ["| editor | m | " + " | ".join(cols) + " |", "| --- | --- |" + " --- |" * len(cols)]
     lines.append("| unedited | - | " + " | ".join(str(unedited.get(k, "-")) for k in cols) + " |")
     for name, rows in table.items():
-        for m in ms:
+        for m in rows:
             lines.append(f"| {name} | {m} | " + " | ".join(
                 f"{rows[m][k]['mean']:.1f} [{rows[m][k]['lo']:.1f}, {rows[m][k]['hi']:.1f}]" if k in rows[m] else "-"
                 for k in cols) + " |")
@@ -108,7 +121,7 @@ def main() -> None:
         for k in PLOTTED:
             fig, ax = plt.subplots(figsize=(5, 3.5))
             for name, rows in table.items():
-                xs = [m for m in ms if k in rows[m]]
+                xs = [m for m in rows if k in rows[m]]
                 if not xs:
                     continue
                 mean = [rows[m][k]["mean"] for m in xs]

@@ -70,7 +70,7 @@ def main():
     grid = json.loads(args.grid)
     over = json.loads(args.base)
     base = get_editor(args.method, lm, z_batch=args.z_batch, **over)
-    zset = z_settings(base.config)
+    zset = z_settings(base.config, lm.device)
     site = base.loss_layer_z(lm)
     # the z* store (zstore.ZStore) keeps each request's z* for these weights and settings: computed
     # once here (or by an earlier `factedit eval` run on the same weights), then read back
@@ -85,7 +85,7 @@ def main():
     for vals in itertools.product(*grid.values()):
         ov = dict(zip(grid, vals))
         ed = get_editor(args.method, lm, z_batch=args.z_batch, **{**over, **ov})
-        if z_settings(ed.config) != zset or ed.loss_layer_z(lm) != site:
+        if z_settings(ed.config, lm.device) != zset or ed.loss_layer_z(lm) != site:
             raise SystemExit(f"{ov} changes z* (its settings or site); sweep those with bench/sweep.py")
         k = args.rounds_of or args.n
         handles, metas, at_edit = [], [], []

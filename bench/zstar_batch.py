@@ -20,10 +20,11 @@ import sys
 import time
 
 import torch
-from zstar_speed import bf16_flags, cpu_name, matmul_peak  # bench/zstar_speed.py, beside this script
+from zstar_speed import cpu_name, matmul_peak  # bench/zstar_speed.py, beside this script
 
 from factedit.data import default_bench_file, load_counterfact
 from factedit.fsutil import write_json
+from factedit.hw import bf16_units
 from factedit.lm.load import load_lm
 from factedit.methods.locate import keys as lkeys
 from factedit.methods.locate import values as zvalues
@@ -40,7 +41,7 @@ def main():
     reqs = [c.request for c in load_counterfact(default_bench_file("counterfact"), limit=hi)][lo:hi]
     ed = get_editor_class("alphaedit").create(lm)
     tpl = ed._templates(lm)
-    s0 = z_settings(ed.config)
+    s0 = z_settings(ed.config, lm.device)
     site = lm.arch.block_path(ed.loss_layer_z(lm))  # where AlphaEdit computes z* (block 7 on SmolLM2)
     zvalues.compute_z(lm, reqs[:2], tpl, site, dataclasses.replace(s0, steps=1), progress=False)  # one-time check
     h = lkeys.site_values(lm, reqs, site)  # z* = h + δ: the bf16 difference is reported relative to ‖δ‖
@@ -61,7 +62,7 @@ def main():
                                    "max_rel_to_shift": round(float(rel.max()), 4)}
         print(res[-1], flush=True)
     meta = {"records": [lo, hi], "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "machine": platform.machine(), "cpu": cpu_name(), "bf16_matmul_units": bf16_flags(),
+            "machine": platform.machine(), "cpu": cpu_name(), "bf16_matmul_units": list(bf16_units()),
             "fp32_matmul_peak_gflops": round(matmul_peak(torch.float32) / 1e9, 1),  # this VM's speed varies
             "bf16_matmul_peak_gflops": round(matmul_peak(torch.bfloat16) / 1e9, 1)}
     write_json(out_path, {"meta": meta, "runs": res})

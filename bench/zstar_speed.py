@@ -1,28 +1,36 @@
-"""z* speed: the straightforward per-request path vs the optimised batched path, in one run.
+"""z* speed: today's path against the faster ones, each repeated, in one process (issue 26, item 4).
 
 The z* optimisation dominates locate-then-edit editing (MEMIT, AlphaEdit, NSE). This benchmark runs it
-on the first N CounterFact-edit records of the embedded model with the MEMIT preset, three ways:
+on the first N CounterFact-edit records with the model's MEMIT preset (AlphaEdit's z* is the same: the
+same site and settings), one edit call of N facts, in these paths:
 
   straightforward  one request at a time, full forward every step, LM head at every position
-  optimised        requests batched; per step only blocks from the site up, only on the columns from
-                   each row's subject onwards (the earlier columns' keys/values are cached), LM head only
-                   where the loss reads, requests leave the batch when they stop
-  optimised_bf16   the same under bf16 autocast (only worth it where the CPU has amx_bf16/avx512_bf16;
-                   the JSON records which of these the CPU has)
+  fp32             the optimised path in fp32, the reference early stop (loss < early_stop_loss):
+                   requests batched; per step only the blocks from the site up, only on the columns
+                   from each row's subject onwards (the earlier columns' keys/values are cached), the
+                   LM head only where the loss reads, requests leave the batch when they stop
+  bf16             the same under bf16 autocast in the MLPs and the LM head (``autocast=bf16``)
+  stop             fp32 with the early stop on the target probability (``early_stop_prob``)
+  bf16_stop        both
+  auto             the editor's defaults as they resolve on this machine (``autocast=auto``)
 
-and reports seconds per request, the matmul FLOPs actually executed (counted with torch's
-FlopCounterMode in a separate pass) and the achieved fraction of this machine's measured matmul
-throughput. It also checks that the paths agree (max relative difference of z*).
+Every path runs ``--repeats`` times, interleaved (path A, B, ..., A, B, ...), so that a slow phase of the
+machine hits every path alike; the JSON gives each run, the median, and the spread (max − min) / median.
+It also records the CPU's bf16 capability, what ``autocast=auto`` chose, and how far each path's z* is
+from the fp32 path's (‖z − z_fp32‖ / ‖δ_fp32‖: relative to the change, not to z*).
 
-    python bench/zstar_speed.py --n 8 --out bench/results/zstar_speed.json [--paths straightforward,optimised]
+    python bench/zstar_speed.py --n 20 --repeats 3 --out bench/results/zstar_speed.json
+    python bench/zstar_speed.py --paths straightforward,fp32 --n 8 --repeats 1 --flops   # FLOPs per path
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -49,89 +57,110 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def bf16_flags() -> list[str]:
-    """The CPU's bf16 matrix/vector extensions (amx_bf16, avx512_bf16); empty: bf16 is emulated."""
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f in ("amx_bf16", "avx512_bf16", "amx_tile"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=8, help="requests")
-    ap.add_argument("--batch", type=int, default=8, help="requests per batch in the optimised path")
+    ap.add_argument("--n", type=int, default=20, help="requests (one edit call)")
+    ap.add_argument("--batch", type=int, default=None, help="z* batch (default: the preset's z_batch)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stop-prob", type=float, default=None,
+                    help="early_stop_prob of the stop paths (default: the preset's, or 0.9 where it is 0)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--flops", action="store_true", help="count matmul FLOPs per path (one more run each)")
     ap.add_argument("--out", default="bench/results/zstar_speed.json")
-    ap.add_argument("--paths", default="straightforward,optimised,optimised_bf16",
-                    help="comma-separated subset of straightforward, optimised, optimised_bf16")
+    ap.add_argument("--paths", default="fp32,bf16,stop,bf16_stop,auto",
+                    help="comma-separated subset of straightforward, fp32, bf16, stop, bf16_stop, auto")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from torch.utils.flop_counter import FlopCounterMode
-
     from factedit.data import default_bench_file, load_counterfact
+    from factedit.hw import bf16_units, resolve_autocast
     from factedit.lm.load import load_lm
     from factedit.methods.locate import MEMITEditor
     from factedit.methods.locate import values as zvalues
     from factedit.methods.locate.base import z_settings
 
     lm = load_lm("smollm2-135m")
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
+    lm.model.requires_grad_(False)
     ed = MEMITEditor.create(lm)
     c = ed.config
     reqs = [case.request for case in load_counterfact(default_bench_file("counterfact"), args.n)]
     templates = ed._templates(lm)
-    site = lm.arch.block_path(max(c.layers))
-    base = z_settings(c)
-    import dataclasses
-
+    site = lm.arch.block_path(ed.loss_layer_z(lm))
+    auto = z_settings(c, lm.device)
+    batch = args.batch or auto.batch
+    p_stop = args.stop_prob if args.stop_prob is not None else (auto.early_stop_prob or 0.9)
+    ref = dataclasses.replace(auto, batch=batch, fast=True, autocast="none", early_stop_prob=0.0)
     paths = {
-        "straightforward": dataclasses.replace(base, batch=1, fast=False, autocast="none"),
-        "optimised": dataclasses.replace(base, batch=args.batch, fast=True, autocast="none"),
-        "optimised_bf16": dataclasses.replace(base, batch=args.batch, fast=True, autocast="bf16"),
+        "straightforward": dataclasses.replace(ref, batch=1, fast=False),
+        "fp32": ref,
+        "bf16": dataclasses.replace(ref, autocast="bf16"),
+        "stop": dataclasses.replace(ref, early_stop_prob=p_stop),
+        "bf16_stop": dataclasses.replace(ref, autocast="bf16", early_stop_prob=p_stop),
+        "auto": dataclasses.replace(auto, batch=batch),
     }
     want = args.paths.split(",")
     unknown = set(want) - set(paths)
     if unknown:
         raise SystemExit(f"unknown paths: {sorted(unknown)}")
-    paths = {k: v for k, v in paths.items() if k in want}
+    paths = {k: paths[k] for k in want}
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    res: dict = {}
-    zs = {}
+    zvalues.compute_z(lm, reqs[:1], templates, site, dataclasses.replace(ref, steps=1), progress=False)  # warm-up
+    runs: dict = {k: [] for k in paths}
+    zs, infos = {}, {}
+    for rep in range(args.repeats):
+        for name, s in paths.items():
+            t = time.perf_counter()
+            z, info = zvalues.compute_z(lm, reqs, templates, site, s, progress=False)
+            runs[name].append(time.perf_counter() - t)
+            zs[name], infos[name] = z, info
+            print(f"repeat {rep} {name}: {runs[name][-1] / len(reqs):.3f} s/request", flush=True)
+    h0 = None
+    if "fp32" in zs:
+        from factedit.methods.locate.keys import site_values
+        h0 = site_values(lm, reqs, site)
+    res = {}
     for name, s in paths.items():
-        t = time.perf_counter()
-        z, info = zvalues.compute_z(lm, reqs, templates, site, s, progress=False)
-        dt = time.perf_counter() - t
-        with FlopCounterMode(display=False) as fc:
-            zvalues.compute_z(lm, reqs, templates, site, s, progress=False)
-        flops = fc.get_total_flops()
-        pk = peak["bf16" if s.autocast == "bf16" else "fp32"]
-        zs[name] = z
-        res[name] = {"s_per_request": round(dt / len(reqs), 3), "total_s": round(dt, 2), "gflop": round(flops / 1e9, 1),
-                     "achieved_gflops": round(flops / dt / 1e9, 1), "fraction_of_matmul_peak": round(flops / dt / pk, 3),
-                     "mean_final_loss": round(sum(i["loss"] for i in info) / len(info), 4),
-                     "mean_steps": round(sum(i["steps"] for i in info) / len(info), 2)}
-        print(name, res[name], flush=True)
-    ref = zs.get("straightforward", zs["optimised"])
-    for name, z in zs.items():
-        res[name]["max_rel_diff_vs_reference"] = float((z - ref).norm(dim=1).max() / ref.norm(dim=1).min())
+        t = runs[name]
+        med = statistics.median(t)
+        info = infos[name]
+        r = {"settings": {"autocast": s.autocast, "early_stop_prob": s.early_stop_prob, "batch": s.batch,
+                          "fast": s.fast},
+             "s_per_request_median": round(med / len(reqs), 3),
+             "s_per_request_runs": [round(x / len(reqs), 3) for x in t],
+             "spread": round((max(t) - min(t)) / med, 3),
+             "mean_steps": round(sum(i["steps"] + 1 for i in info) / len(info), 2),  # forward passes per request
+             "mean_final_loss": round(sum(i["loss"] for i in info) / len(info), 4),
+             "mean_final_target_prob": round(sum(i["prob"] for i in info) / len(info), 4),
+             "min_final_target_prob": round(min(i["prob"] for i in info), 4)}
+        if h0 is not None:
+            d_ref = (zs["fp32"] - h0).norm(dim=1)
+            rel = (zs[name] - zs["fp32"]).norm(dim=1) / d_ref
+            r["z_vs_fp32_rel_to_delta"] = {"mean": round(float(rel.mean()), 4), "max": round(float(rel.max()), 4)}
+        if args.flops:
+            from torch.utils.flop_counter import FlopCounterMode
+            with FlopCounterMode(display=False) as fc:
+                zvalues.compute_z(lm, reqs, templates, site, s, progress=False)
+            flops = fc.get_total_flops()
+            r["gflop"] = round(flops / 1e9, 1)
+            r["fraction_of_matmul_peak"] = round(flops / med / peak["bf16" if s.autocast == "bf16" else "fp32"], 3)
+        res[name] = r
     out = {
         "bench": "zstar_speed", "model": lm.name, "n_requests": len(reqs), "templates": len(templates),
-        "settings": dataclasses.asdict(base), "threads": torch.get_num_threads(),
+        "site": site, "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "autocast_auto_resolves_to": resolve_autocast("auto", lm.device),
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()},
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "bf16_matmul_units": bf16_flags(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "bf16_units": list(bf16_units()),
                     "loadavg_at_end": os.getloadavg()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "results": res,
     }
-    if "straightforward" in res:
-        out["speedup"] = {k: round(res["straightforward"]["s_per_request"] / v["s_per_request"], 2)
-                          for k, v in res.items()}
+    if "fp32" in res:
+        out["speedup_vs_fp32"] = {k: round(res["fp32"]["s_per_request_median"] / v["s_per_request_median"], 2)
+                                  for k, v in res.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    tmp = Path(args.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(args.out)
     print(json.dumps(out, indent=1))
 
 

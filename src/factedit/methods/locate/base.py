@@ -31,6 +31,7 @@ import torch
 
 from ...config import NonNegFloat, NonNegInt, PosFloat, PosInt
 from ...errors import FactEditError
+from ...hw import bf16_units, resolve_autocast
 from ...lm.load import LM
 from ...patch.weights import Delta, WeightPatch
 from ...stats import KeyStats, cached_statistics, default_corpus, key_stats
@@ -54,13 +55,16 @@ class LocateConfig:
     kl_direction: Literal["current_initial", "initial_current"] = "current_initial"  # the reference code's KL(P_δ ‖ P_orig); "initial_current" for the other
     v_weight_decay: NonNegFloat = 0.5
     early_stop_loss: NonNegFloat = 0.05
+    early_stop_prob: NonNegFloat = 0.0  # also stop a request once its target probability reaches this (0: off)
     template_lengths: tuple[int, ...] = (10,)  # one group of sampled prefixes per length
     templates_per_length: NonNegInt = 5
     template_seed: int = 0
     key_average: KeyAverage = "group"  # "group" (MEMIT: bare and prefixed halves) or "flat" (ROME)
     z_batch: PosInt = 16  # requests optimised together in the z* loop
     z_fast: bool = True  # reuse hidden states below the site, LM head only where the loss reads
-    autocast: Literal["none", "bf16"] = "none"  # "none" or "bf16" for the z* forward/backward
+    # bf16 autocast in the MLPs and the LM head during the z* steps. "auto": bf16 where the CPU has native bf16
+    # products (avx512_bf16 or AMX; factedit.hw), fp32 elsewhere; "none" or "bf16" force one
+    autocast: Literal["auto", "none", "bf16"] = "auto"
     z_cache: bool = True  # keep each z* on disk per weights digest and reuse it (ZStore)
     mom2_corpus: str | None = None  # text file for key statistics (None: shared WikiText-2 validation)
     mom2_tokens: PosInt = 200_000
@@ -68,10 +72,21 @@ class LocateConfig:
     mom2_update_weight: NonNegFloat = 15000.0  # λ in λ·C0
 
 
-def z_settings(c: LocateConfig) -> ZSettings:
+_told: set = set()
+
+
+def z_settings(c: LocateConfig, device: torch.device | str) -> ZSettings:
+    """The z* settings of a locate config on ``device`` (``autocast=auto`` decided there, said once)."""
+    autocast = resolve_autocast(c.autocast, device)
+    if c.autocast == "auto" and (str(device), autocast) not in _told:
+        _told.add((str(device), autocast))
+        units = ", ".join(bf16_units()) or "none"
+        log.info("z*: autocast=auto -> %s on %s (native bf16 units: %s); --set autocast=none|bf16 to choose",
+                 "bf16 in the MLPs and the LM head" if autocast == "bf16" else "fp32", device, units)
     return ZSettings(steps=c.v_steps, lr=c.v_lr, clamp_norm_factor=c.clamp_norm_factor,
-                            kl_factor=c.kl_factor, kl_direction=c.kl_direction, weight_decay=c.v_weight_decay,
-                            early_stop_loss=c.early_stop_loss, batch=c.z_batch, fast=c.z_fast, autocast=c.autocast)
+                     kl_factor=c.kl_factor, kl_direction=c.kl_direction, weight_decay=c.v_weight_decay,
+                     early_stop_loss=c.early_stop_loss, early_stop_prob=c.early_stop_prob, batch=c.z_batch,
+                     fast=c.z_fast, autocast=autocast)
 
 
 class LocateEditor(Editor):
@@ -165,6 +180,7 @@ class LocateEditor(Editor):
         meta = {"preset": self.preset, "templates": self.templates, "n_committed_before": self.n_committed, **meta}
         if "z" in meta:  # how many z* came from the store (computed by an earlier call or another method)
             meta["z_from_store"] = sum(bool(i.get("stored")) for i in meta["z"])
+            meta["z_autocast"] = resolve_autocast(self.config.autocast, lm.device)  # what autocast=auto chose
         return WeightPatch(method=self.name, config=self.config_dict(), base_fingerprint=lm.fingerprint,
                            requests=list(requests), meta=meta, deltas=deltas)
 

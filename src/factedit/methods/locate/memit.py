@@ -44,7 +44,7 @@ class MEMITEditor(LocateEditor):
         loss), which that layer can always reach, and z* = h_L + n(v*) − n(m) at the bare prompt."""
         L = self.loss_layer_z(lm)
         post = lm.arch.mlp_post_norm_path(L)
-        settings, templates = z_settings(self.config), self._templates(lm)
+        settings, templates = z_settings(self.config, lm.device), self._templates(lm)
         if post is None:
             return compute_z(lm, requests, templates, lm.arch.block_path(L), settings,
                                     cache=self.config.z_cache)

@@ -54,7 +54,7 @@ class ROMEEditor(LocateEditor):
                 k = template_keys(lm, [r], templates, [layer])[layer].double()  # (1, n_templates, d0)
             k_avg, k_bare = average_keys(k, c.key_average)[0], k[0, 0]  # template 0 is "{}"
             with self._phase("z*"):
-                v_star, info = compute_z(lm, [r], templates, site, z_settings(c), progress=False,
+                v_star, info = compute_z(lm, [r], templates, site, z_settings(c, lm.device), progress=False,
                                                   cache=c.z_cache)
             infos.extend(info)
             self.warn_known([r], info)

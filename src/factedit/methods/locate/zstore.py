@@ -38,6 +38,8 @@ class ZStore:
         self.dir = root / fingerprint_model(lm.model)  # the weights z* is computed on, byte for byte
         tok = lm.tokenizer
         settings = {k: v for k, v in settings.items() if k != "batch"}  # the batch size does not change z*
+        if not settings.get("early_stop_prob"):
+            settings.pop("early_stop_prob", None)  # off: the z* of the store's earlier entries
         if settings.get("autocast") == "bf16":
             settings["autocast"] = "bf16_mlps"  # bf16 in the MLPs and head only (session 11): not the older whole-forward z*
         self.base = json.dumps({"v": Z_STORE_VERSION, "site": site_path, "z": settings, "templates": templates,
