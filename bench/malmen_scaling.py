@@ -47,9 +47,11 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/scaling", help="folder for the run folders")
     ap.add_argument("--out", default="bench/results/malmen_scaling.json")
     ap.add_argument("--plots", help="prefix of the PNG plots (one per metric)")
+    ap.add_argument("--include", action="append", default=[],
+                    help="an earlier JSON of this script (same N) whose rows join the table and the plots")
     args = ap.parse_args()
-    if not args.editor and not args.baseline:
-        ap.error("name at least one --editor NAME=DIR or --baseline METHOD")
+    if not args.editor and not args.baseline and not args.include:
+        ap.error("name at least one --editor NAME=DIR, --baseline METHOD or --include JSON")
 
     from factedit import cli
     from factedit.data import default_bench_file, load_counterfact
@@ -66,8 +68,9 @@ def main() -> None:
     common = ["--bench", "counterfact", "--limit", str(args.n), "--set", "eval.ppl_tokens=0",
               "--set", "eval.fluency_cases=0"]
     if not (pre / "summary.json").exists():
-        first = (["--method", "malmen", "--editor", next(iter(editors.values()))] if editors
-                 else ["--method", args.baseline[0]])
+        folder = next(iter(editors.values()), None)
+        first = (["--method", json.loads((Path(folder) / "editor.json").read_text())["method"], "--editor", folder]
+                 if folder else ["--method", args.baseline[0]])
         assert cli.main(["eval", *first, *common, "--pre-only", "--out", str(pre)]) == 0
     jobs = [(name, ["--method", json.loads((Path(folder) / "editor.json").read_text())["method"], "--editor", folder], m)
             for name, folder in editors.items() for m in ms]
@@ -93,6 +96,14 @@ def main() -> None:
             row["n_true_paraphrase"] = len(vals)
         table.setdefault(name, {})[m] = row
         print(name, m, {k: v["mean"] for k, v in row.items() if isinstance(v, dict)})
+    earlier = {}
+    for f in args.include:
+        old = json.loads(Path(f).read_text())
+        if old["n"] != args.n:
+            raise SystemExit(f"{f}: n = {old['n']}, not {args.n}")
+        for name, rows in old["results"].items():
+            if name not in table:
+                earlier[name] = {int(m): row for m, row in rows.items()}
     pre_recs = read_jsonl(pre / "cases.jsonl") or read_jsonl(pre / "pre.jsonl")
     unedited = {}
     for k in ("efficacy", "generalization", "specificity"):
@@ -101,6 +112,7 @@ def main() -> None:
             unedited[k] = round(100 * sum(vals) / len(vals), 2)
     write_json(Path(args.out), {"n": args.n, "m": ms, "editors": editors, "baselines": args.baseline,
                                 "unedited": unedited, "results": table})
+    table = {**earlier, **table}  # the table and the plots show the included rows too (the JSON holds this run's)
     cols = ("efficacy", "efficacy_acc", "generalization", "generalization_true_paraphrase", "specificity",
             "neighborhood_agreement")
     lines = ["| editor | m | " + " | ".join(cols) + " |", "| --- | --- |" + " --- |" * len(cols)]
