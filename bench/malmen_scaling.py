@@ -67,14 +67,18 @@ def main() -> None:
     pre = runs / "pre"
     common = ["--bench", "counterfact", "--limit", str(args.n), "--set", "eval.ppl_tokens=0",
               "--set", "eval.fluency_cases=0"]
-    if not (pre / "summary.json").exists():
-        folder = next(iter(editors.values()), None)
-        first = (["--method", json.loads((Path(folder) / "editor.json").read_text())["method"], "--editor", folder]
-                 if folder else ["--method", args.baseline[0]])
-        assert cli.main(["eval", *first, *common, "--pre-only", "--out", str(pre)]) == 0
-    jobs = [(name, ["--method", json.loads((Path(folder) / "editor.json").read_text())["method"], "--editor", folder], m)
-            for name, folder in editors.items() for m in ms]
-    jobs += [(method, ["--method", method], args.n) for method in args.baseline]
+    earlier = {}  # rows of the included JSON files, read (and checked) before any model work
+    for f in args.include:
+        old = json.loads(Path(f).read_text())
+        if old["n"] != args.n:
+            raise SystemExit(f"{f}: n = {old['n']}, not {args.n}")
+        earlier.update({name: {int(m): row for m, row in rows.items()} for name, rows in old["results"].items()})
+    how = {name: ["--method", json.loads((Path(folder) / "editor.json").read_text())["method"], "--editor", folder]
+           for name, folder in editors.items()}
+    how.update({method: ["--method", method] for method in args.baseline})
+    if how and not (pre / "summary.json").exists():
+        assert cli.main(["eval", *next(iter(how.values())), *common, "--pre-only", "--out", str(pre)]) == 0
+    jobs = [(name, how[name], m) for name in editors for m in ms] + [(b, how[b], args.n) for b in args.baseline]
     table = {}
     for name, how, m in jobs:
         out = runs / f"{name}-m{m}"
@@ -96,14 +100,6 @@ def main() -> None:
             row["n_true_paraphrase"] = len(vals)
         table.setdefault(name, {})[m] = row
         print(name, m, {k: v["mean"] for k, v in row.items() if isinstance(v, dict)})
-    earlier = {}
-    for f in args.include:
-        old = json.loads(Path(f).read_text())
-        if old["n"] != args.n:
-            raise SystemExit(f"{f}: n = {old['n']}, not {args.n}")
-        for name, rows in old["results"].items():
-            if name not in table:
-                earlier[name] = {int(m): row for m, row in rows.items()}
     pre_recs = read_jsonl(pre / "cases.jsonl") or read_jsonl(pre / "pre.jsonl")
     unedited = {}
     for k in ("efficacy", "generalization", "specificity"):

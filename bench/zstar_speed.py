@@ -73,6 +73,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from factedit.data import default_bench_file, load_counterfact
+    from factedit.fsutil import write_json
     from factedit.hw import bf16_units, resolve_autocast
     from factedit.lm.load import load_lm
     from factedit.methods.locate import MEMITEditor
@@ -114,10 +115,10 @@ def main() -> None:
             runs[name].append(time.perf_counter() - t)
             zs[name], infos[name] = z, info
             print(f"repeat {rep} {name}: {runs[name][-1] / len(reqs):.3f} s/request", flush=True)
-    h0 = None
+    d_ref = None  # ‖δ_fp32‖ per request: the z* differences are relative to the fp32 path's change
     if "fp32" in zs:
         from factedit.methods.locate.keys import site_values
-        h0 = site_values(lm, reqs, site)
+        d_ref = (zs["fp32"] - site_values(lm, reqs, site)).norm(dim=1)
     res = {}
     for name, s in paths.items():
         t = runs[name]
@@ -132,8 +133,7 @@ def main() -> None:
              "mean_final_loss": round(sum(i["loss"] for i in info) / len(info), 4),
              "mean_final_target_prob": round(sum(i["prob"] for i in info) / len(info), 4),
              "min_final_target_prob": round(min(i["prob"] for i in info), 4)}
-        if h0 is not None:
-            d_ref = (zs["fp32"] - h0).norm(dim=1)
+        if d_ref is not None:
             rel = (zs[name] - zs["fp32"]).norm(dim=1) / d_ref
             r["z_vs_fp32_rel_to_delta"] = {"mean": round(float(rel.mean()), 4), "max": round(float(rel.max()), 4)}
         if args.flops:
@@ -157,10 +157,7 @@ def main() -> None:
     if "fp32" in res:
         out["speedup_vs_fp32"] = {k: round(res["fp32"]["s_per_request_median"] / v["s_per_request_median"], 2)
                                   for k, v in res.items()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(args.out)
+    write_json(Path(args.out), out)
     print(json.dumps(out, indent=1))
 
 

@@ -364,6 +364,8 @@ def test_early_stop_on_the_target_probability_stops_each_request_once_met():
     assert torch.allclose(z, torch.cat([x[0] for x in single]), rtol=1e-4, atol=1e-4 * float(z.abs().max()))
     with pytest.raises(FactEditError, match="early_stop_prob"):
         zvalues.compute_z(lm, REQ, T, site, dataclasses.replace(base, early_stop_prob=1.5), progress=False)
+    with pytest.raises(FactEditError, match="early_stop_prob"):  # refused with the config, before any model work
+        get_editor("memit", lm, early_stop_prob=1.5)
 
 
 def test_autocast_auto_follows_the_hardware_and_the_override(monkeypatch):

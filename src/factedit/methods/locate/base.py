@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from ...config import NonNegFloat, NonNegInt, PosFloat, PosInt
+from ...config import NonNegFloat, NonNegInt, PosFloat, PosInt, Probability
 from ...errors import FactEditError
 from ...hw import bf16_units, resolve_autocast
 from ...lm.load import LM
@@ -55,7 +55,7 @@ class LocateConfig:
     kl_direction: Literal["current_initial", "initial_current"] = "current_initial"  # the reference code's KL(P_δ ‖ P_orig); "initial_current" for the other
     v_weight_decay: NonNegFloat = 0.5
     early_stop_loss: NonNegFloat = 0.05
-    early_stop_prob: NonNegFloat = 0.0  # also stop a request once its target probability reaches this (0: off)
+    early_stop_prob: Probability = 0.0  # also stop a request once its target probability reaches this (0: off)
     template_lengths: tuple[int, ...] = (10,)  # one group of sampled prefixes per length
     templates_per_length: NonNegInt = 5
     template_seed: int = 0
