@@ -14,6 +14,8 @@ _METHODS: dict[str, tuple[str, str]] = {
     "alphaedit": ("factedit.methods.locate:AlphaEditEditor", "AlphaEdit: MEMIT projected onto the null space of preserved keys"),
     "nse": ("factedit.methods.locate:NSEEditor", "NSE: neuron-level sequential editing with weights rewinding"),
     "loreft": ("factedit.methods.reft:LoReFTEditor", "LoReFT: low-rank representation intervention on block outputs"),
+    "baft": ("factedit.methods.reft:BaFTEditor",
+             "BaFT: ReFT with an input-dependent weight per basis (gated), locality and load-balancing terms"),
     "mend": ("factedit.methods.hyper.editor:MENDEditor", "MEND: a trained hyper-network's per-token shifts, summed"),
     "malmen": ("factedit.methods.hyper.editor:MALMENEditor",
                "MALMEN: a trained hyper-network's shifts aggregated by least squares (normal equation)"),

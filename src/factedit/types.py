@@ -88,6 +88,10 @@ class EvalCase:
     neighborhood_prompts: tuple[str, ...] = ()
     neighborhood_target: str | None = None
     locality: tuple[tuple[str, str], ...] = ()
+    # KnowEdit: the kind of each locality pair (Relation_Specificity, Forgetfulness; empty: one kind), and the
+    # portability questions as (kind, prompt, answer) triples (Reasoning, Subject_Aliasing, ...)
+    locality_kinds: tuple[str, ...] = ()
+    portability: tuple[tuple[str, str, str], ...] = ()
     generation_prompts: tuple[str, ...] = ()
     # further edits applied together with ``request`` (a multi-hop case edits up to four facts at once)
     extra_requests: tuple[EditRequest, ...] = ()
@@ -104,6 +108,13 @@ class EvalCase:
                 raise FactEditError(f"{label}: locality entries must be (prompt, answer) pairs")
             _need_str(pair[0], "locality prompt", label)
             _need_str(pair[1], "locality answer", label)
+        if self.locality_kinds and len(self.locality_kinds) != len(self.locality):
+            raise FactEditError(f"{label}: {len(self.locality_kinds)} locality kinds for {len(self.locality)} pairs")
+        for trip in self.portability:
+            if len(trip) != 3:
+                raise FactEditError(f"{label}: portability entries must be (kind, prompt, answer) triples")
+            for part, what in zip(trip, ("portability kind", "portability prompt", "portability answer")):
+                _need_str(part, what, label)
         if self.neighborhood_prompts and (self.neighborhood_target or self.request.target_true) is None:
             raise FactEditError(f"{label}: neighbourhood prompts need a true object (target_true)")
 

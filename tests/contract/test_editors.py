@@ -19,6 +19,8 @@ from factedit.patch.io import load_patch
 _TMP = Path(tempfile.mkdtemp(prefix="factedit-contract-"))
 atexit.register(shutil.rmtree, _TMP, ignore_errors=True)  # its statistics cache: nothing left in /tmp
 (_TMP / "corpus.txt").write_text("\n\n".join(CORPUS * 20))
+(_TMP / "loc.json").write_text('[{"locality_prompt": "Big Ben is in", "locality_ground_truth": "London"}, '
+                               '{"locality_prompt": "Microsoft was founded by", "locality_ground_truth": "Bill Gates"}]')
 # Locate-then-edit settings under which tiny random models move (large clamp, small λ, few templates).
 _LOCATE = dict(layers=(1, 2), mom2_corpus=str(_TMP / "corpus.txt"), mom2_tokens=1500, mom2_max_len=64,
                templates_per_length=2, template_lengths=(4,), v_steps=25, v_lr=1.0, clamp_norm_factor=10.0,
@@ -26,12 +28,13 @@ _LOCATE = dict(layers=(1, 2), mom2_corpus=str(_TMP / "corpus.txt"), mom2_tokens=
 METHODS = {
     "ft": dict(layer=1, lr=0.05, norm_constraint=1.0, steps=40),
     "loreft": dict(layers=(1, 2), rank=4, lr=0.05, steps=80),
+    "baft": dict(layers=(1, 2), rank=4, lr=0.05, steps=80, loc_data=str(_TMP / "loc.json"), loc_per_edit=1),
     "rome": {**_LOCATE, "layers": (1,)},
     "memit": _LOCATE,
     "alphaedit": {**_LOCATE, "nullspace_mode": "relative", "nullspace_threshold": 0.5, "L2": 0.1},
     "nse": {**_LOCATE, "alpha": 0.0, "upper_bound": 1e9},
 }
-TRAINED = ("ft", "loreft")  # methods whose loss is the target NLL itself: the new target must win outright
+TRAINED = ("ft", "loreft", "baft")  # methods trained on the target NLL (BaFT adds locality terms): the new target must win
 REQUESTS = [
     EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris", case_id=1),
     EditRequest("The capital of Italy is", "Italy", "London", "Rome", case_id=2),
@@ -39,7 +42,7 @@ REQUESTS = [
 ]
 # Every family for the trained editors and for MEMIT (whose machinery ROME/AlphaEdit/NSE share); the
 # other closed forms on a linear-layout and a Conv1D-layout family.
-CASES = [(m, f) for m in METHODS for f in (FAMILIES if m in ("ft", "loreft", "memit") else ["llama", "gpt2"])]
+CASES = [(m, f) for m in METHODS for f in (FAMILIES if m in ("ft", "loreft", "baft", "memit") else ["llama", "gpt2"])]
 
 
 def _state(lm):

@@ -135,3 +135,54 @@ register_benchmark(Benchmark("counterfact", "counterfact/counterfact-edit.json.g
                              "CounterFact: efficacy / generalisation / specificity by probability comparison"))
 register_benchmark(Benchmark("zsre", "zsre/zsre_mend_eval_portability_gpt4.json", _zsre_load, _zsre_probes,
                              _zsre_metrics, "zsRE: token accuracy; locality as agreement with the unedited model"))
+
+
+# ---- KnowEdit: the field's toolkit's metrics (edit success, portability, locality, fluency) ------------------
+def _ke_probes(case: EvalCase) -> list[Probe]:
+    out = [("rewrite" + (f"@{n}" if n else ""), 0, r.prompt, r.target_new) for n, r in enumerate(case.requests)]
+    for i, p in enumerate(case.paraphrase_prompts):
+        out.append(("paraphrase", i, p, case.request.target_new))
+    for i, (kind, p, a) in enumerate(case.portability):
+        out.append((f"portability:{kind}", i, p, a))
+    kinds = case.locality_kinds or ("Relation_Specificity",) * len(case.locality)
+    for i, ((p, a), kind) in enumerate(zip(case.locality, kinds)):
+        out.append((f"locality:{kind}", i, p, a))
+    return out
+
+
+def _ke_metrics(rec: dict, pre: dict | None = None) -> dict[str, float]:
+    """Edit success (efficacy) and generality: teacher-forced token accuracy of the new target; portability: the
+    same on each kind's questions, then the mean over the case's kinds; locality: agreement of the post-edit
+    argmax tokens with the pre-edit ones on each kind's prompts, then the mean over kinds."""
+    m: dict[str, float] = {}
+    for g, name in (("rewrite", "efficacy"), ("paraphrase", "generalization")):
+        if rec.get(g):
+            m[name] = mean(x["acc"] for x in rec[g])
+    port = {g.split(":", 1)[1]: mean(x["acc"] for x in v) for g, v in rec.items() if g.startswith("portability:") and v}
+    for kind, v in port.items():
+        m[f"portability_{kind}"] = v
+    if port:
+        m["portability"] = mean(port.values())
+    if pre is not None:
+        loc = {g.split(":", 1)[1]: _agreement(v, pre["raw"][g]) for g, v in rec.items()
+               if g.startswith("locality:") and v and pre["raw"].get(g)}
+        for kind, v in loc.items():
+            m[f"locality_{kind}"] = v
+        if loc:
+            m["locality"] = mean(loc.values())
+    return m
+
+
+def _ke_load(path: Path, limit: int | None, options: dict[str, Any]) -> list[EvalCase]:
+    from ..data.knowedit import load_knowedit
+
+    return load_knowedit(path, limit)
+
+
+for _name, _file, _what in (
+        ("wiki_counterfact", "knowedit/wiki_counterfact/train_cf.json.gz", "WikiData_counterfact (train split: the test split is not available)"),
+        ("wiki_recent", "knowedit/wiki_recent/recent_train.json.gz", "WikiData_recent (train split: the test split is not available)"),
+        ("wikibio", "knowedit/WikiBio/wikibio-test-all.json", "WikiBio test"),
+        ("zsre", "zsre/ZsRE-test-all.json", "ZsRE test")):
+    register_benchmark(Benchmark(f"knowedit-{_name}", _file, _ke_load, _ke_probes, _ke_metrics,
+                                 f"KnowEdit {_what}: edit success, portability, locality (the toolkit's metrics)"))

@@ -15,7 +15,7 @@ from ..types import EvalCase
 from .benches import get_benchmark
 from .scoring import score_targets
 
-HEADLINE = ("efficacy", "generalization", "specificity", "locality")  # the per-round and summary lines
+HEADLINE = ("efficacy", "generalization", "specificity", "locality", "portability")  # the per-round and summary lines
 
 
 def score_cases(lm: LM, cases: list[EvalCase], bench: str, batch_size: int = 32, desc: str | None = None) -> list[dict]:

@@ -42,6 +42,9 @@ class LM:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     # the hooks that module patches installed (removed by their handles, or all at once by ``reset_hooks``)
     hooks: list = field(default_factory=list, repr=False, compare=False)
+    # carried module patches (one module trained on across rounds, continual LoReFT/BaFT): per carry key, the
+    # handles applied in order; only the newest acts, the earlier ones are suspended (patch.modules)
+    carried: dict = field(default_factory=dict, repr=False, compare=False)
     # the weight patches applied now, in order, with the touched parameters' base values (patch.weights)
     weight_stack: Any = field(default=None, repr=False, compare=False)
 
@@ -63,6 +66,7 @@ class LM:
             for h in self.hooks:
                 h.remove()
             self.hooks.clear()
+            self.carried.clear()
 
     def check_layers(self, layers: list[int] | tuple[int, ...], what: str = "layer") -> None:
         n = self.n_layers

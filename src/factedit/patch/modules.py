@@ -20,6 +20,7 @@ names an unregistered kind imports its method (through the method registry) befo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,22 +151,61 @@ def install(lm: LM, place: Placement, module: nn.Module) -> Any:
 
 
 class ModuleHandle(Handle):
-    def __init__(self, lm: LM, hooks: list) -> None:
+    """Installed hooks of a module patch. A *carried* patch (``meta["carry"]``: a key) holds the whole state of a
+    module trained on across rounds (continual LoReFT/BaFT): applying it suspends the newest earlier one of the
+    same key, and reverting it resumes that one, so rounds stack and unstack like weight patches."""
+
+    def __init__(self, lm: LM, hooks: list, pairs: list | None = None, carry: str | None = None) -> None:
         super().__init__()
-        self.lm, self.hooks = lm, hooks
+        self.lm, self.hooks, self.pairs, self.carry = lm, hooks, pairs or [], carry
+
+    def _remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+            if h in self.lm.hooks:
+                self.lm.hooks.remove(h)
+        self.hooks = []
+
+    def suspend(self) -> None:
+        with self.lm.lock:
+            self._remove()
+
+    def resume(self) -> None:
+        with self.lm.lock:
+            if not self.hooks and self.active:
+                self.hooks = [install(self.lm, place, module) for place, module in self.pairs]
+                self.lm.hooks.extend(self.hooks)
 
     def _revert(self) -> None:
         with self.lm.lock:
-            for h in self.hooks:
-                h.remove()
-                if h in self.lm.hooks:
-                    self.lm.hooks.remove(h)
-            self.hooks = []
+            self._remove()
+            if self.carry is not None:
+                stack = self.lm.carried.get(self.carry, [])
+                top = bool(stack) and stack[-1] is self
+                if self in stack:
+                    stack.remove(self)
+                if top and stack:
+                    stack[-1].resume()
 
     def _merge(self) -> None:
         # Hooked modules are input-dependent and position-dependent: they cannot be folded into the
         # weights. "Merging" keeps them installed for the life of the model object (``lm.reset_hooks`` removes).
         pass
+
+
+@contextlib.contextmanager
+def carried_suspended(lm: LM, carry: str):
+    """The newest carried patch of key ``carry`` (if one is applied) suspended for the duration: what a continual
+    editor trains on is the model without its own earlier module, which it continues from its state instead."""
+    stack = lm.carried.get(carry) or []
+    top = stack[-1] if stack else None
+    if top is not None:
+        top.suspend()
+    try:
+        yield
+    finally:
+        if top is not None and stack and stack[-1] is top:
+            top.resume()
 
 
 @dataclass
@@ -181,13 +221,19 @@ class ModulePatch(Patch):
     def apply(self, lm: LM, force: bool = False) -> ModuleHandle:
         self.check_base(lm, force)
         lm.check_layers([p.layer for p in self.placements], "intervention layer")
+        carry = self.meta.get("carry")
         with lm.lock:
+            if carry is not None and lm.carried.get(carry):
+                lm.carried[carry][-1].suspend()
             hooks = []
             for place, module in zip(self.placements, self.modules):
                 module.to(lm.device).eval()
                 hooks.append(install(lm, place, module))
             lm.hooks.extend(hooks)
-        return ModuleHandle(lm, hooks)
+            handle = ModuleHandle(lm, hooks, list(zip(self.placements, self.modules)), carry)
+            if carry is not None:
+                lm.carried.setdefault(carry, []).append(handle)
+        return handle
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -73,6 +73,9 @@ class HyperConfig:
     val_size: NonNegInt = 256  # validation cases (0: none); the best validated state is kept (official: the last)
     val_every: PosInt = 10  # meta-steps between validations (and one at the end)
     cache_prefix: bool = True  # run the frozen blocks below the first edited layer once per training tuple
+    # edit time only: every module's η multiplied by this (training ignores it). It scales the shift linearly;
+    # used to tune the untrained counterpart to the trained editor's efficacy (issue 22, item 7)
+    eta_scale: PosFloat = 1.0
 
 
 @dataclass(frozen=True)
@@ -158,10 +161,11 @@ class HyperEditor(TrainedEditor):
         net = self.nets[name]
         U, G = cap.U[path], cap.G[path]  # (n, d_in), (n, d_out)
         ut, gt = net(U, G, i)
+        eta = net.eta[i] * self.config.eta_scale if self.config.eta_scale != 1.0 else net.eta[i]
         if self.aggregation == "ridge":
-            D = value_differences(U, ut, gt, net.eta[i])
+            D = value_differences(U, ut, gt, eta)
             return (U.double(), ridge_factors(U, D, net.lam(i))) if factored else ridge_solve(U, D, net.lam(i)).float()
-        return (-net.eta[i] * ut, gt) if factored else mend_sum(ut, gt, net.eta[i])
+        return (-eta * ut, gt) if factored else mend_sum(ut, gt, eta)
 
     def shifts(self, cap) -> dict[str, torch.Tensor]:
         """One shift S (d_in, d_out) per edited module from the captured U, G."""
@@ -368,6 +372,8 @@ class HyperEditor(TrainedEditor):
     def _fit(self, lm: LM, cases: list[EvalCase], checkpoint: Path | None,
              val_cases: list[EvalCase] | None = None) -> dict:
         c = self.config
+        if c.eta_scale != 1.0:
+            raise FactEditError(f"{self.name}: eta_scale is an edit-time setting; train with eta_scale = 1")
         if any(_tuples(case)[2] is None for case in cases):
             log.warning("%s: some training cases have no unrelated prompt; their locality term is left out", self.name)
         train = self._tuples_of(lm, cases, "training")
