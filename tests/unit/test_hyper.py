@@ -317,3 +317,22 @@ def test_zero_epochs_is_the_untrained_counterpart():
         assert all(float(b.detach().abs().sum()) == 0 for b in net.B)  # the identity networks
         assert float(net.norm.count) == rows * net.n_modules  # every module's training capture, once
     assert ed.compute(lm, [_cases()[0].request]).deltas  # and it edits
+
+
+@pytest.mark.parametrize("method", ["malmen", "mend"])
+def test_eta_scale_scales_the_shift_at_edit_time_and_is_refused_in_training(method, tmp_path):
+    from factedit import get_editor
+    from factedit.registry import get_editor_class
+
+    lm = tiny_lm("llama")
+    ed = get_editor(method, lm, **{**HYPER, "epochs": 0})
+    ed.fit(lm, _cases())
+    ed.save_pretrained(tmp_path / "ed")
+    reqs = [c.request for c in _cases()[:2]]
+    one = ed.compute(lm, reqs)
+    three = get_editor_class(method).from_pretrained(tmp_path / "ed", lm, {"eta_scale": 3.0}).compute(lm, reqs)
+    for k, d in one.deltas.items():  # the shift is linear in η (MEND's sum, and MALMEN's D in its ridge solve)
+        a, b = d.materialise(), three.deltas[k].materialise()
+        assert torch.allclose(b, 3 * a, rtol=1e-4, atol=1e-6 * float(a.abs().max())), k
+    with pytest.raises(FactEditError, match="eta_scale is an edit-time setting"):
+        get_editor(method, lm, **{**HYPER, "eta_scale": 2.0}).fit(lm, _cases())
