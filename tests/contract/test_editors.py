@@ -19,8 +19,8 @@ from factedit.patch.io import load_patch
 _TMP = Path(tempfile.mkdtemp(prefix="factedit-contract-"))
 atexit.register(shutil.rmtree, _TMP, ignore_errors=True)  # its statistics cache: nothing left in /tmp
 (_TMP / "corpus.txt").write_text("\n\n".join(CORPUS * 20))
-(_TMP / "loc.json").write_text('[{"locality_prompt": "Big Ben is in", "locality_ground_truth": "London"}, '
-                               '{"locality_prompt": "Microsoft was founded by", "locality_ground_truth": "Bill Gates"}]')
+(_TMP / "loc.json").write_text('[{"locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": '
+                               '"French"}, {"locality_prompt": "Apple was founded by", "locality_ground_truth": "Steve Jobs"}]')
 # Locate-then-edit settings under which tiny random models move (large clamp, small λ, few templates).
 _LOCATE = dict(layers=(1, 2), mom2_corpus=str(_TMP / "corpus.txt"), mom2_tokens=1500, mom2_max_len=64,
                templates_per_length=2, template_lengths=(4,), v_steps=25, v_lr=1.0, clamp_norm_factor=10.0,
@@ -28,7 +28,7 @@ _LOCATE = dict(layers=(1, 2), mom2_corpus=str(_TMP / "corpus.txt"), mom2_tokens=
 METHODS = {
     "ft": dict(layer=1, lr=0.05, norm_constraint=1.0, steps=40),
     "loreft": dict(layers=(1, 2), rank=4, lr=0.05, steps=80),
-    "baft": dict(layers=(1, 2), rank=4, lr=0.05, steps=80, loc_data=str(_TMP / "loc.json"), loc_per_edit=1),
+    "baft": dict(layers=(1, 2), rank=4, lr=0.1, steps=80, loc_data=str(_TMP / "loc.json"), loc_per_edit=1),
     "rome": {**_LOCATE, "layers": (1,)},
     "memit": _LOCATE,
     "alphaedit": {**_LOCATE, "nullspace_mode": "relative", "nullspace_threshold": 0.5, "L2": 0.1},

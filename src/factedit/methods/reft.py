@@ -146,7 +146,10 @@ class _TrainableBaFT(_TrainableLoReFT):
     def __init__(self, d: int, rank: int, gate: str) -> None:
         super().__init__(d, rank)
         self.gate_kind = gate
-        self.gate = nn.Linear(d, rank)  # A, a; zero at the start: every basis weight is gate(0) (sigmoid: 1/2)
+        # A, a; zero at the start: every basis weight is gate(0) (sigmoid: 1/2). Built without drawing from the
+        # global generator, so that R, W, b start as LoReFT's for the same seed (every layer's module alike)
+        with torch.random.fork_rng(devices=[]):
+            self.gate = nn.Linear(d, rank)
         with torch.no_grad():
             self.gate.weight.zero_()
             self.gate.bias.zero_()
