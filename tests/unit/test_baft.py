@@ -278,3 +278,16 @@ def test_knowedit_eval_runs_end_to_end(tmp_path, loc_file):
     assert "fluency" in s["post"]
     recs = read_jsonl(tmp_path / "run" / "cases.jsonl")
     assert "locality_Forgetfulness" in recs[0]["post"] and "portability" not in recs[1]["post"]
+
+
+def test_constant_gates_train_as_loreft():
+    """Same seed, settings and no BaFT terms: BaFT with constant gates starts from LoReFT's R, W, b and trains the
+    same loss, so it ends at the same module (float32, the same ops in the same order: close to rounding)."""
+    lm = tiny_lm("llama")
+    kw = dict(layers=(1, 2), rank=4, lr=0.05, steps=10)
+    lo = get_editor("loreft", lm, **kw).compute(lm, REQS)
+    ba = get_editor("baft", lm, **kw, gate="constant", loc_per_edit=0, load_balance=0).compute(lm, REQS)
+    for a, b in zip(lo.modules, ba.modules):
+        for name in ("R", "W", "b"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), name
