@@ -83,7 +83,11 @@ def target_nll(lm: LM, batch: TargetBatch) -> torch.Tensor:
     """Per-row mean negative log-likelihood of the target tokens: (B,)."""
     logits, labels, rows = target_logits(lm, batch)
     tok = -torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None])[:, 0]  # (N,)
-    B = batch.labels.shape[0]
+    return row_means(tok, rows, batch.labels.shape[0])
+
+
+def row_means(tok: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
+    """Per-row mean of per-token values ``tok`` (N,) whose rows are ``rows`` (N,): (B,) (0 for a row with none)."""
     total = torch.zeros(B, dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
     count = torch.zeros(B, dtype=tok.dtype, device=tok.device).index_add(0, rows, torch.ones_like(tok))
     return total / count.clamp(min=1)

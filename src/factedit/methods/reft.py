@@ -30,7 +30,7 @@ from torch import nn
 from ..config import NonNegFloat, NonNegInt, PosFloat, PosInt
 from ..errors import FactEditError
 from ..lm.arch import Site
-from ..lm.batch import TargetBatch, make_batch, request_batches, target_logits, target_nll
+from ..lm.batch import TargetBatch, make_batch, request_batches, row_means, target_logits, target_nll
 from ..lm.load import LM
 from ..patch.modules import ModulePatch, Placement, carried_suspended, position_mask, register_intervention
 from ..types import EditRequest
@@ -338,7 +338,7 @@ class BaFTEditor(LoReFTEditor):
 
     def check_config(self, lm: LM) -> None:
         super().check_config(lm)
-        if self.config.loc_per_edit and (self.config.loc_gate or self.config.loc_kl):
+        if self._use_loc():
             self.pool()  # a missing or unreadable file is refused now, before any edit
 
     def pool(self) -> list[tuple[str, str]]:
@@ -424,10 +424,7 @@ class BaFTEditor(LoReFTEditor):
         logp = torch.log_softmax(logits.float(), dim=-1)
         edit = rows < n
         tok = -logp[edit].gather(-1, labels[edit][:, None])[:, 0]  # the edits' target tokens
-        er = rows[edit]
-        total = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, er, tok)
-        count = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, er, torch.ones_like(tok))
-        loss = (total / count.clamp(min=1)).mean()  # mean over edits of each one's mean target NLL (LoReFT's)
+        loss = row_means(tok, rows[edit], n).mean()  # mean over edits of each one's mean target NLL (LoReFT's)
         if c.loc_gate and not bool(edit.all()):
             loc_s = [w[r >= n] for w, r in weights if bool((r >= n).any())]
             if loc_s:

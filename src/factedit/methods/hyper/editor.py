@@ -161,7 +161,7 @@ class HyperEditor(TrainedEditor):
         net = self.nets[name]
         U, G = cap.U[path], cap.G[path]  # (n, d_in), (n, d_out)
         ut, gt = net(U, G, i)
-        eta = net.eta[i] * self.config.eta_scale if self.config.eta_scale != 1.0 else net.eta[i]
+        eta = net.eta[i] * self.config.eta_scale  # (× 1.0 is exact: the default changes nothing)
         if self.aggregation == "ridge":
             D = value_differences(U, ut, gt, eta)
             return (U.double(), ridge_factors(U, D, net.lam(i))) if factored else ridge_solve(U, D, net.lam(i)).float()
