@@ -14,6 +14,9 @@ accuracy), specificity (the neighbourhood score) and neighbourhood agreement wit
 ``--baseline METHOD`` (repeatable) adds a method that needs no trained editor (memit, alphaedit, ...) with its
 model preset, all N facts in one call (m = N), beside the editors: what the issue compares MALMEN with.
 
+``--editor-set NAME:KEY=VALUE`` passes an edit-time setting to one editor's runs: the same untrained editor under
+two names, one with ``eta_scale`` raised until its efficacy matches the trained editor's.
+
     python bench/malmen_scaling.py --baseline memit --baseline alphaedit --n 1024 --runs runs/scaling \\
         --out bench/results/locate_scaling.json
 """
@@ -40,6 +43,9 @@ def bootstrap(values: list[float], reps: int = 1000, seed: int = 0) -> tuple[flo
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--editor", action="append", default=[], help="NAME=DIR of a trained MEND/MALMEN editor")
+    ap.add_argument("--editor-set", action="append", default=[], metavar="NAME:KEY=VALUE",
+                    help="an edit-time setting for one editor's runs (e.g. malmen-u0x8:eta_scale=8, the untrained "
+                         "counterpart's step scaled to the trained editor's efficacy)")
     ap.add_argument("--baseline", action="append", default=[],
                     help="a method without a trained editor (memit, alphaedit, ...), all N facts in one call")
     ap.add_argument("--m", default="1,16,64,256,1024", help="facts per call")
@@ -75,6 +81,11 @@ def main() -> None:
         earlier.update({name: {int(m): row for m, row in rows.items()} for name, rows in old["results"].items()})
     how = {name: ["--method", json.loads((Path(folder) / "editor.json").read_text())["method"], "--editor", folder]
            for name, folder in editors.items()}
+    for spec in args.editor_set:
+        name, _, setting = spec.partition(":")
+        if name not in how or "=" not in setting:
+            raise SystemExit(f"--editor-set {spec!r}: expected NAME:KEY=VALUE with NAME one of the --editor names")
+        how[name] += ["--set", setting]
     how.update({method: ["--method", method] for method in args.baseline})
     if how and not (pre / "summary.json").exists():
         assert cli.main(["eval", *next(iter(how.values())), *common, "--pre-only", "--out", str(pre)]) == 0
@@ -107,6 +118,7 @@ def main() -> None:
         if vals:
             unedited[k] = round(100 * sum(vals) / len(vals), 2)
     write_json(Path(args.out), {"n": args.n, "m": ms, "editors": editors, "baselines": args.baseline,
+                                "editor_set": args.editor_set,
                                 "unedited": unedited, "results": table})
     table = {**earlier, **table}  # the table and the plots show the included rows too (the JSON holds this run's)
     cols = ("efficacy", "efficacy_acc", "generalization", "generalization_true_paraphrase", "specificity",

@@ -101,3 +101,58 @@ def _sample_chunk(lm: LM, prompts, max_length, top_k, seeds, greedy) -> list[str
             past = o.past_key_values
             logits = o.logits[:, -1].float()
     return [tok.decode(x, skip_special_tokens=True) for x in new]
+
+
+@torch.no_grad()
+@holds_lock
+def greedy_answers(lm: LM, prompts: list[str], max_new_tokens: int = 20, batch_size: int = 32) -> list[str]:
+    """Greedy continuations of up to ``max_new_tokens`` new tokens, each row stopped at its first end-of-sequence
+    token (not included); the massive-editing papers' generation protocol. Rows of one chunk decode together with
+    the KV cache (the prompt forward in a context that says where each prompt ends, the steps as decoding steps);
+    the batch stops once every row has ended."""
+    out: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        out.extend(_greedy_chunk(lm, prompts[s : s + batch_size], max_new_tokens))
+    return out
+
+
+def _greedy_chunk(lm: LM, prompts: list[str], max_new_tokens: int) -> list[str]:
+    tok, dev = lm.tokenizer, lm.device
+    eos = tok.eos_token_id
+    seqs = [encode(tok, p) for p in prompts]
+    n = torch.tensor([len(x) for x in seqs])
+    ids, mask = pad_batch(seqs, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    mask = mask.to(dev)
+    new: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    with forward_context(n) as ctx:
+        o = lm.model(input_ids=ids.to(dev), attention_mask=mask, use_cache=True)
+        ctx.decoding = True
+        past = o.past_key_values
+        logits = o.logits[torch.arange(len(seqs)), (n - 1).to(dev)]  # (B, V)
+        for step in range(max_new_tokens):
+            nxt = logits.float().argmax(-1).tolist()
+            for b, t in enumerate(nxt):
+                if not done[b]:
+                    if eos is not None and t == eos:
+                        done[b] = True
+                    else:
+                        new[b].append(t)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype, device=dev)], 1)
+            pos = (n + step).to(dev)[:, None]
+            o = lm.model(input_ids=torch.tensor(nxt, device=dev)[:, None], attention_mask=mask, position_ids=pos,
+                         past_key_values=past, use_cache=True)
+            past = o.past_key_values
+            logits = o.logits[:, -1]
+    return [tok.decode(x, skip_special_tokens=True) for x in new]
+
+
+def normalize_answer(text: str) -> str:
+    """The generation protocol's comparison form: cut at the first newline, surrounding white space and one
+    trailing "." removed, lower case."""
+    t = text.split("\n", 1)[0].strip()
+    if t.endswith("."):
+        t = t[:-1]
+    return t.strip().lower()

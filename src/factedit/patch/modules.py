@@ -12,7 +12,10 @@ What an intervention class may declare (all optional):
 - ``reads_input``: at an output site, also receive the module's input as ``x=`` (MeG's neuron reads the MLP's
   input and adds to its output);
 - ``prepare(ctx, lm) -> state``: per-query work done once per forward context (``ctx.rows`` carries per-row
-  data), passed to ``forward`` as ``state=``.
+  data), passed to ``forward`` as ``state=``;
+- ``reads_ids``: the token ids of the forward's input are put in ``ctx.rows["input_ids"]`` (by a pre-hook on the
+  token embedding, at the prompt's forward, not at decoding steps) for ``prepare`` to read: MeG finds each row's
+  query there, whoever runs the forward. Without a forward context the module's ``last_ids`` holds them.
 
 Interventions register themselves with ``@register_intervention(kind)`` in their method's module; a patch that
 names an unregistered kind imports its method (through the method registry) before giving up.
@@ -128,9 +131,42 @@ def _apply_iv(lm: LM, place: Placement, module: nn.Module, h: torch.Tensor, x: A
     return torch.where(mask[..., None], new, h)
 
 
-def install(lm: LM, place: Placement, module: nn.Module) -> Any:
-    """Hook ``module`` onto its site of ``lm``; returns the torch hook handle."""
+class _Handles:
+    """Several torch hook handles removed as one."""
+
+    def __init__(self, *handles: Any) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _ids_hook(lm: LM, module: nn.Module) -> Any:
+    """A pre-hook on the token embedding that gives the forward's input ids to the context (``reads_ids``)."""
+
+    def grab(_m, args, kwargs):
+        ids = args[0] if args else kwargs.get("input")
+        ctx = current_context()
+        if ctx is None:
+            module.last_ids = ids
+        elif not ctx.decoding and not (ctx.prompt_lens is None and ids.shape[1] == 1):
+            ctx.rows["input_ids"] = ids
+
+    return lm.model.get_submodule(lm.arch.embed).register_forward_pre_hook(grab, with_kwargs=True)
+
+
+def install(lm: LM, place: Placement, module: nn.Module, _ids: bool = True) -> Any:
+    """Hook ``module`` onto its site of ``lm``; returns the torch hook handle (an object with ``remove()``)."""
     target, where, _ = resolve_site(lm.model, lm.arch, place.site)
+    if _ids and getattr(module, "reads_ids", False):
+        first_hook = _ids_hook(lm, module)
+        try:
+            inner = install(lm, place, module, _ids=False)
+        except BaseException:
+            first_hook.remove()
+            raise
+        return _Handles(first_hook, inner)
     if where == "output":
         def post(_m, args, out):
             h2 = _apply_iv(lm, place, module, first(out), args[0] if args else None)
