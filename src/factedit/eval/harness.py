@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
-from typing import Any
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
@@ -54,6 +54,11 @@ class EvalConfig:
     # it), besides once at the end of the stream. The summary then reports both, overall and per round:
     # how well each round's edits took, and how much of them the later rounds left standing.
     after_round: bool = False
+    # "bench": the benchmark's own teacher-forced protocol; "generation": greedy answers after the question template,
+    # exact match (the massive-editing papers' protocol, eval/generation.py)
+    protocol: Literal["bench", "generation"] = "bench"
+    template: str = "auto"  # the question template of the generation protocol ({q}: the prompt); auto: per family
+    max_new_tokens: PosInt = 20  # the generation protocol's answer length
 
 
 def _timing(out: Path) -> dict[str, float]:
@@ -90,6 +95,10 @@ class Runner:
         self.lm, self.editor, self.cases, self.bench, self.mode = lm, editor, cases, bench, mode
         self.out, self.edit_batch = Path(out), edit_batch
         self.cfg = eval_cfg or EvalConfig()
+        if self.cfg.protocol == "generation" and self.cfg.template == "auto":
+            from .generation import question_template
+
+            self.cfg = dataclasses.replace(self.cfg, template=question_template(lm))
         check_mode(self.cfg, mode)
         self.general_text = general_text
         self.pre_only = pre_only
@@ -123,7 +132,9 @@ class Runner:
 
     # ---- phases -------------------------------------------------------------------------------------
     def _score(self, idx: list[int], desc: str) -> list[dict]:
-        return score_cases(self.lm, [self.cases[i] for i in idx], self.bench, self.cfg.batch_size, desc=desc)
+        return score_cases(self.lm, [self.cases[i] for i in idx], self.bench, self.cfg.batch_size, desc=desc,
+                           protocol=self.cfg.protocol, template=self.cfg.template,
+                           max_new_tokens=self.cfg.max_new_tokens)
 
     def _reused_pre(self) -> dict[int, dict]:
         """Pre-edit records of the same cases from an earlier run folder (``pre_from``): the unedited
@@ -204,7 +215,7 @@ class Runner:
             t0 = time.perf_counter()
             part = idx[s : s + chunk]
             for i, rec in zip(part, self._score(part, desc=None)):
-                rec.update(case_metrics(rec["raw"], self.bench, pre=pre[i]))
+                rec.update(case_metrics(rec["raw"], self.bench, pre=pre[i], protocol=self.cfg.protocol))
                 c = self.cases[i]
                 writer.write({"index": i, "case_id": c.case_id, "request": c.request.to_dict(), "pre": pre[i],
                               "post": rec, **(extra or {})})

@@ -18,8 +18,15 @@ from .scoring import score_targets
 HEADLINE = ("efficacy", "generalization", "specificity", "locality", "portability")  # the per-round and summary lines
 
 
-def score_cases(lm: LM, cases: list[EvalCase], bench: str, batch_size: int = 32, desc: str | None = None) -> list[dict]:
-    """One raw record per case: for each probe group, the list of {nll, acc, argmax}."""
+def score_cases(lm: LM, cases: list[EvalCase], bench: str, batch_size: int = 32, desc: str | None = None,
+                protocol: str = "bench", template: str = "{q}", max_new_tokens: int = 20) -> list[dict]:
+    """One raw record per case: for each probe group, the list of {nll, acc, argmax} (``protocol="generation"``:
+    greedy answers and teacher-forced scores after the question template, ``eval.generation``)."""
+    if protocol == "generation":
+        from .generation import generation_metrics, score_generation
+
+        recs = score_generation(lm, cases, template, max_new_tokens, batch_size)
+        return [generation_metrics(rec) | {"raw": rec} for rec in recs]
     probes = get_benchmark(bench).probes
     flat = [(ci, g, i, p, t) for ci, c in enumerate(cases) for g, i, p, t in probes(c)]
     scores = score_targets(lm, [f[3] for f in flat], [f[4] for f in flat], batch_size=batch_size, desc=desc)
@@ -29,8 +36,12 @@ def score_cases(lm: LM, cases: list[EvalCase], bench: str, batch_size: int = 32,
     return [case_metrics(rec, bench) | {"raw": rec} for rec in recs]
 
 
-def case_metrics(rec: dict, bench: str, pre: dict | None = None) -> dict:
+def case_metrics(rec: dict, bench: str, pre: dict | None = None, protocol: str = "bench") -> dict:
     """Per-case metrics (fractions in [0, 1]) from a raw record; ``pre`` adds pre/post agreement."""
+    if protocol == "generation":
+        from .generation import generation_metrics
+
+        return generation_metrics(rec, pre)
     return get_benchmark(bench).metrics(rec, pre)
 
 

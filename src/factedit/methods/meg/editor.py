@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class MeGConfig:
     layer: NonNegInt = 13  # the layer whose FFN gets the neuron
-    # the question template of the generation protocol ({q}: the prompt); the neuron is fitted after it
-    template: str = "{q}"
+    # the question template of the generation protocol ({q}: the prompt; auto: the model family's, as the
+    # evaluation's); the neuron is fitted after it and the gate reads the question inside it
+    template: str = "auto"
     max_new_tokens: PosInt = 20
     # auxiliary records (disjoint from the edit set): the encoder's pairs and the ε validation; a path, or one
     # relative to the data folder, read with benchmark ``aux_bench``'s loader
@@ -73,7 +74,7 @@ class MeGConfig:
     fam_lr: PosFloat = 1e-3
     fam_batch: PosInt = 2000
     epsilon: PosFloat | None = None  # the gate's threshold (nats); None: chosen on the pseudo-edit validation
-    val_records: PosInt = 1000  # the first records of aux_data for choosing ε
+    val_records: NonNegInt = 0  # the first records of aux_data for choosing ε (0: as many as the edit set)
     gate: bool = True  # False: every query gets its generated neuron (the ablation without the gate)
     # stage 3: neuron fitting
     fit_lr: PosFloat = 0.02
@@ -83,7 +84,9 @@ class MeGConfig:
     neuron_seed: int = 0
     # stage 4: generator
     generator: Literal["dit", "mlp"] = "dit"
-    scale: PosFloat = 100.0  # x0 = neuron × scale
+    # x0 = neuron × scale. Published 100 (GPT-J's neuron entries are ~0.01: x0 of unit size); None: 1 / the RMS of
+    # the fitted neurons, the same principle for any model (SmolLM2's entries are ~0.15)
+    scale: PosFloat | None = None
     dit_hidden: PosInt = 384
     dit_depth: PosInt = 6
     dit_heads: PosInt = 6
@@ -147,11 +150,20 @@ class MeGEditor(TrainedEditor):
     # ---- modules ----------------------------------------------------------------------------------------------
     def check_config(self, lm: LM) -> None:
         super().check_config(lm)
+        if self.config.template == "auto":
+            from ...eval.generation import question_template
+
+            self.config = replace(self.config, template=question_template(lm))
         if "{q}" not in self.config.template:
             raise FactEditError(f"meg template {self.config.template!r} has no {{q}} for the question")
         if self.config.generator == "dit" and self.config.dit_hidden % self.config.dit_heads:
             raise FactEditError(f"meg: dit_hidden {self.config.dit_hidden} is not a multiple of dit_heads "
                                 f"{self.config.dit_heads}")
+
+    def validate(self, lm: LM, requests):
+        if self.config.template == "auto":  # an editor constructed directly, not through create()
+            self.check_config(lm)
+        return super().validate(lm, requests)
 
     def build(self, lm: LM) -> None:
         c = self.config
@@ -187,10 +199,19 @@ class MeGEditor(TrainedEditor):
             raise FactEditError("meg: no ε (set epsilon=..., or train the editor to choose it)")
         return float(eps)
 
+    @property
+    def scale(self) -> float:
+        if self.config.scale is not None:
+            return float(self.config.scale)
+        got = ((self.trained or {}).get("metrics") or {}).get("scale") or getattr(self, "_scale", None)
+        if got is None:
+            raise FactEditError("meg: no scale (set scale=..., or train the editor to derive it)")
+        return float(got)
+
     def module_spec(self) -> dict:
         c = self.config
         return {"shape": self.shape.to_dict(), "layer": c.layer, "template": c.template, "epsilon": self.epsilon,
-                "gate": c.gate, "scale": c.scale, "seed": c.seed, "encoder": c.encoder, "pooling": c.pooling,
+                "gate": c.gate, "scale": self.scale, "seed": c.seed, "encoder": c.encoder, "pooling": c.pooling,
                 "fam_blocks": c.fam_blocks, "fam_classes": c.fam_classes, "generator": c.generator,
                 "gen": self._gen_spec(), "diffusion_steps": c.diffusion_steps, "sample_steps": c.sample_steps}
 
@@ -316,7 +337,7 @@ class MeGEditor(TrainedEditor):
         para = [cs.paraphrase_prompts[0] for cs in cases if cs.paraphrase_prompts]
         loc = [cs.neighborhood_prompts[0] for cs in cases if cs.neighborhood_prompts]
         if c.epsilon is None:
-            val = [a for a in aux[: c.val_records] if a.paraphrase_prompts and a.neighborhood_prompts]
+            val = [a for a in aux[: c.val_records or len(cases)] if a.paraphrase_prompts and a.neighborhood_prompts]
             if not val:
                 raise FactEditError("meg: no auxiliary records with a paraphrase and a neighbourhood prompt to "
                                     "choose ε on (set epsilon=...)")
@@ -363,8 +384,10 @@ class MeGEditor(TrainedEditor):
         if not ok or not c.gen_epochs:
             return {"gen_rows": len(ok), "gen_loss": None}
         cond = self.encoder.embed([prompts[i] for i in ok])
-        x0 = fit.weights[ok] * c.scale
-        return train_generator(self.gen, x0, cond, c, ck / "generator" if ck else None)
+        w = fit.weights[ok]
+        self._scale = c.scale if c.scale is not None else round(float(1.0 / w.pow(2).mean().sqrt()), 4)
+        out = train_generator(self.gen, w * self._scale, cond, c, ck / "generator" if ck else None)
+        return {"scale": self._scale, **out}
 
 
 def recon_error(gen: nn.Module, diff: Diffusion, x0: torch.Tensor, cond: torch.Tensor, seed: int) -> float:

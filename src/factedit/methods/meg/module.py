@@ -88,7 +88,11 @@ class MeGModule(nn.Module):
         out = []
         for i in range(ids.shape[0]):
             row = ids[i, : int(lens[i])] if lens is not None else ids[i]
-            out.append(tok.decode(row.tolist(), skip_special_tokens=True))
+            # special tokens kept (a chat template's markers are part of the query), the tokenizer's BOS dropped
+            text = tok.decode(row.tolist(), skip_special_tokens=False)
+            if tok.bos_token and text.startswith(tok.bos_token):
+                text = text[len(tok.bos_token) :]
+            out.append(text)
         return out
 
     @torch.no_grad()
