@@ -339,3 +339,67 @@ def test_the_minilm_encoder_is_the_published_one_and_separates_paraphrases():
     # only the last layer is the trainable part, and it is what the artifact keeps
     assert set(enc.trainable_state()) == {k.removeprefix("encoder.layer.5.") for k, _ in
                                           enc.model.named_parameters() if k.startswith("encoder.layer.5.")}
+
+
+def test_generator_training_under_torchrun_with_two_gloo_ranks_equals_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from factedit import cli
+
+    lm = tiny_lm("llama")
+    model = tmp_path / "tiny-llama"
+    lm.model.save_pretrained(model)
+    lm.tokenizer.save_pretrained(model)
+    aux = tmp_path / "aux.json"
+    aux.write_text(json.dumps(cf_records(FACTS * 3, start=100)))
+    data = tmp_path / "edit.json"
+    # targets the tiny model's neurons can fit (4 of them: generator batches of 3 split 2 + 1 across the ranks)
+    twins = [("The Eiffel Tower is located in", "Eiffel Tower", "Rome", "Where is it ?", "Big Ben is in", "London"),
+             ("The capital city of Italy is", "Italy", "Paris", "What is it ?", "Big Ben is in", "London")]
+    data.write_text(json.dumps(cf_records(FACTS[:2] + twins)))
+    sets = dict(layer=2, encoder=str(tiny_encoder_folder(tmp_path)), pooling="mean", scale=1.0, aux_data=str(aux),
+                enc_records=8, enc_epochs=2, fam_blocks=1, fam_epochs=20, fit_lr=1.0, fit_steps=60, fit_batch=4,
+                generator="dit", dit_hidden=16, dit_depth=1, dit_heads=2, patch=16, cond_dropout=0.0,
+                gen_epochs=4, gen_batch=3, gen_eval_every=4, gen_ckpt_every=2, gen_eval_rows=2, sample_steps=5,
+                gen_lr=0.01)
+    args = ["train", "--method", "meg", "--model", str(model), "--data", str(data)]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "factedit.cli", *args, "--out", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "generator training on 2 ranks" in res.stderr
+    one = load_file(str(tmp_path / "one" / "editor.safetensors"))
+    two = load_file(str(tmp_path / "two" / "editor.safetensors"))
+    man = json.loads((tmp_path / "one" / "editor.json").read_text())
+    assert man["metrics"]["gen_rows"] >= 3  # a batch of 3 rows splits 2 + 1: the shares must be weighted by rows
+    for k in one:
+        if k.startswith("gen::"):
+            # fp32 sums in another grouping, then AdamW: entries with a near-zero gradient move by ~lr·sign(g).
+            # The attention's key bias has a gradient of exactly zero (softmax ignores a constant per query): AdamW
+            # moves it by rounding noise alone, so it is left out.
+            if k.endswith("attn.in_proj_bias"):
+                h = one[k].shape[0] // 3
+                one[k], two[k] = torch.cat([one[k][:h], one[k][2 * h :]]), torch.cat([two[k][:h], two[k][2 * h :]])
+            scale = float(one[k].abs().max())
+            torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-3 * scale, msg=lambda m, k=k: f"{k}: {m}")
+    init = _fresh_generator(sets, tmp_path)
+    moved = any(not torch.allclose(one[f"gen::{k}"], v) for k, v in init.items())
+    assert moved
+
+
+def _fresh_generator(sets, tmp_path):
+    """The generator's initial state (seeded build) for the same settings."""
+    from factedit.registry import get_editor_class
+
+    lm = tiny_lm("llama")
+    ed = get_editor_class("meg").create(lm, {**sets})
+    ed.fork_build(lm)
+    return ed.gen.state_dict()

@@ -89,13 +89,20 @@ class Diffusion:
         mean = self._at(self.coef_x0, i, xt) * x0 + self._at(self.coef_xt, i, xt) * xt
         return mean, self._at(self.post_logvar, i, xt)
 
+    def draw(self, B: int, size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The timestep indices (B,) and noise (B, size) of one training batch."""
+        i = torch.randint(0, len(self.timesteps), (B,), generator=generator)
+        return i, torch.randn((B, size), generator=generator)
+
     def loss(self, model, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
-             i: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """The hybrid loss on a batch x0 (B, P): mean over the batch of MSE(v̂, v) + the variational-bound term."""
+             i: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+             reduce: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """The hybrid loss on a batch x0 (B, P): MSE(v̂, v) + the variational-bound term, averaged over the batch
+        (``reduce=False``: per row). The timesteps and noise are drawn from ``generator`` unless given."""
         B = x0.shape[0]
-        if i is None:
-            i = torch.randint(0, len(self.timesteps), (B,), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        if i is None or noise is None:
+            i, noise = self.draw(B, x0.shape[1], generator)
+        i, noise = i.to(x0.device), noise.to(x0.device, x0.dtype)
         xt = self.q_sample(x0, i, noise)
         t = torch.as_tensor(self.timesteps, device=x0.device)[i]
         out = model(xt, t, cond)  # (B, 2, P)
@@ -109,7 +116,7 @@ class Diffusion:
         nll = 0.5 * (math.log(2 * math.pi) + logvar + (x0 - mean) ** 2 * torch.exp(-logvar))
         nll = nll.mean(-1) / math.log(2.0)
         vb = torch.where(i == 0, nll, kl)
-        total = (mse + vb).mean()
+        total = (mse + vb).mean() if reduce else mse + vb
         return total, {"mse": float(mse.detach().mean()), "vb": float(vb.detach().mean())}
 
     def step(self, xt: torch.Tensor, i: int, out: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:

@@ -132,6 +132,12 @@ def _load_opt(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _write_main(folder: Path, tensors: dict, record: dict) -> None:
+    """Checkpoint writes from rank 0 only (under torchrun every rank runs the same stages)."""
+    if _world()[0] == 0:
+        write_bundle(folder, tensors, record)
+
+
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -275,7 +281,7 @@ class MeGEditor(TrainedEditor):
         edit = greedy_answers(lm, [self.q(cs.request.prompt) for cs in cases], self.config.max_new_tokens)
         loc_p = [self.q(cs.neighborhood_prompts[0]) for cs in cases if cs.neighborhood_prompts]
         out = {"edit": edit, "locality": greedy_answers(lm, loc_p, self.config.max_new_tokens) if loc_p else []}
-        if f:
+        if f and _world()[0] == 0:
             from ...fsutil import write_json
 
             write_json(f, out)
@@ -303,7 +309,7 @@ class MeGEditor(TrainedEditor):
             if folder and (ep % 10 == 0 or ep == c.enc_epochs):
                 t, m = _flat_opt(opt)
                 tensors = {**{f"top.{k}": v for k, v in self.encoder.trainable_state().items()}, **t}
-                write_bundle(folder, tensors, {"epoch": ep, "losses": losses + so_far, "opt": m})
+                _write_main(folder, tensors, {"epoch": ep, "losses": losses + so_far, "opt": m})
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed + 1 + start)  # the last layer's dropout
@@ -324,7 +330,7 @@ class MeGEditor(TrainedEditor):
             losses = train_familiarity(net, emb, labels, c.fam_epochs, lr=c.fam_lr, batch_size=c.fam_batch,
                                        seed=c.seed)
         if folder:
-            write_bundle(folder, {f"net.{k}": v for k, v in net.state_dict().items()},
+            _write_main(folder, {f"net.{k}": v for k, v in net.state_dict().items()},
                          {"done": True, "losses": losses[-5:], "tag": tag})
         return losses[-5:]
 
@@ -371,7 +377,7 @@ class MeGEditor(TrainedEditor):
 
         def save(res: FitResult) -> None:
             if folder:
-                write_bundle(folder, {"weights": res.weights, "success": res.success.to(torch.uint8),
+                _write_main(folder, {"weights": res.weights, "success": res.success.to(torch.uint8),
                                       "loss": res.final_loss}, {"answers": res.answers})
 
         init = initial_neuron(self.shape, c.neuron_seed)
@@ -401,12 +407,32 @@ def recon_error(gen: nn.Module, diff: Diffusion, x0: torch.Tensor, cond: torch.T
     return float(err.median())
 
 
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def train_generator(gen: nn.Module, x0: torch.Tensor, cond: torch.Tensor, c: MeGConfig, folder: Path | None,
                     on_step=None) -> dict:
     """The hybrid diffusion loss over fixed batches of (x0, cond), AdamW; resumable from ``folder`` (checkpoint
-    every ``gen_ckpt_every`` epochs: networks, optimiser, the sampling generator's state, the best state)."""
+    every ``gen_ckpt_every`` epochs: networks, optimiser, the sampling generator's state, the best state).
+
+    Under ``torchrun`` (a process group of W ranks) the generator is wrapped in DistributedDataParallel: every rank
+    draws the whole batch's timesteps and noise from the same generator, takes its contiguous share of the rows and
+    weights its summed loss by W / B, so the averaged gradient is the one-process gradient of the whole batch (the
+    condition dropout's masks are each rank's own). Rank 0 writes the checkpoints."""
     from tqdm.auto import tqdm
 
+    rank, world = _world()
+    model = gen
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(gen)
+        log.info("meg: generator training on %d ranks", world)
     diff = Diffusion(c.diffusion_steps)
     sampler = diff.respaced(c.sample_steps)
     opt = torch.optim.AdamW(gen.parameters(), lr=c.gen_lr, weight_decay=0.0)
@@ -425,7 +451,7 @@ def train_generator(gen: nn.Module, x0: torch.Tensor, cond: torch.Tensor, c: MeG
     batches = [(s, min(s + c.gen_batch, n)) for s in range(0, n, c.gen_batch)]
 
     def save(ep: int) -> None:
-        if not folder:
+        if not folder or rank != 0:
             return
         ot, om = _flat_opt(opt)
         tensors = {**{f"gen.{k}": v for k, v in gen.state_dict().items()}, **{f"o.{k}": v for k, v in ot.items()},
@@ -439,13 +465,26 @@ def train_generator(gen: nn.Module, x0: torch.Tensor, cond: torch.Tensor, c: MeG
     for ep in bar:
         tot = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(c.seed * 1_000_003 + ep)  # the condition dropout's draws, per epoch
+            torch.manual_seed(c.seed * 1_000_003 + ep * 7919 + rank)  # the condition dropout's draws, per epoch
             for a, b in batches:
-                loss, parts = diff.loss(gen, x0[a:b], cond[a:b], generator=g)
+                i, noise = diff.draw(b - a, x0.shape[1], g)  # the whole batch's, the same on every rank
+                if world == 1:
+                    loss, parts = diff.loss(model, x0[a:b], cond[a:b], i=i, noise=noise)
+                    full = float(loss)
+                else:
+                    cut = [a + (b - a) * r // world for r in range(world + 1)]
+                    lo, hi = cut[rank], cut[rank + 1]
+                    weight = world / (b - a)
+                    if hi == lo:  # fewer rows than ranks: a zero-weighted row keeps the collective calls in step
+                        lo, hi, weight = a, a + 1, 0.0
+                    rows, parts = diff.loss(model, x0[lo:hi], cond[lo:hi], i=i[lo - a : hi - a],
+                                            noise=noise[lo - a : hi - a], reduce=False)
+                    loss = rows.sum() * weight
+                    full = float(loss) / world  # this rank's share of the batch mean
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tot["loss"] += float(loss) * (b - a)
+                tot["loss"] += full * (b - a)
                 tot["mse"] += parts["mse"] * (b - a)
                 tot["vb"] += parts["vb"] * (b - a)
         row = {"epoch": ep + 1, **{k: round(v / n, 5) for k, v in tot.items()}}
