@@ -152,6 +152,13 @@ class Runner:
                                     f"({cfg.get(key)!r}, this run: {self.run_config[key]!r})")
         if cfg.get("eval", {}).get("batch_size") is None:
             raise FactEditError(f"--pre-from {src}: run.json has no eval settings")
+        theirs = cfg["eval"]
+        for key in ("protocol", "template", "max_new_tokens"):  # the generation protocol's records differ
+            if self.cfg.protocol == "generation" or theirs.get("protocol", "bench") != "bench":
+                mine = dataclasses.asdict(self.cfg)[key]
+                if theirs.get(key, dataclasses.asdict(EvalConfig())[key]) != mine:
+                    raise FactEditError(f"--pre-from {src}: it was scored with eval.{key} = {theirs.get(key)!r}, "
+                                        f"this run with {mine!r}")
         got = {}
         for r in read_jsonl(src / "pre.jsonl"):
             i = r.get("index")
