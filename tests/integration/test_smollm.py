@@ -164,3 +164,28 @@ def test_baft_preset_spares_unrelated_prompts_more_than_loreft(smollm, data_dir)
         agree[method] = sum(a.argmax == b.argmax for a, b in zip(base, after)) / len(neigh)
     assert min(eff.values()) >= 90.0, eff
     assert agree["baft"] > agree["loreft"] + 0.1, agree
+
+
+def test_meg_preset_fits_neurons_that_make_the_model_answer_the_new_target(smollm):
+    """MeG's stage 3 at the SmolLM2 preset (layer 13, SGD lr 0.3, 50 steps) on two demo facts in one batch: with
+    each fitted neuron mounted, greedy generation after the question template gives the new target; the unedited
+    model does not."""
+    from factedit.eval.generation import question_template, wrap
+    from factedit.lm.generate import greedy_answers
+    from factedit.methods.meg.fit import fit_batch, generate_with, matches
+    from factedit.methods.meg.neuron import initial_neuron, neuron_shape
+    from factedit.registry import get_editor_class
+
+    ed = get_editor_class("meg").create(smollm)
+    c = ed.config
+    assert (c.layer, c.fit_lr, c.fit_steps) == (13, 0.3, 50) and c.template == question_template(smollm) == "Q: {q}\nA:"
+    reqs = [x.request for x in demo_cases()[:2]]
+    prompts = [wrap(c.template, r.prompt) for r in reqs]
+    before = greedy_answers(smollm, prompts)
+    assert not any(matches(a, r.target_new) for a, r in zip(before, reqs))
+    shape = neuron_shape(smollm, c.layer)
+    assert shape.size == 1152 and shape.act is None
+    w, loss = fit_batch(smollm, shape, c.layer, prompts, [r.target_new for r in reqs], initial_neuron(shape),
+                        c.fit_lr, c.fit_steps)
+    after = generate_with(smollm, shape, c.layer, prompts, w)
+    assert all(matches(a, r.target_new) for a, r in zip(after, reqs)), (after, loss)

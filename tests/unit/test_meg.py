@@ -401,5 +401,5 @@ def _fresh_generator(sets, tmp_path):
 
     lm = tiny_lm("llama")
     ed = get_editor_class("meg").create(lm, {**sets})
-    ed.fork_build(lm)
+    ed.build(lm)
     return ed.gen.state_dict()

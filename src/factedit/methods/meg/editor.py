@@ -176,13 +176,10 @@ class MeGEditor(TrainedEditor):
         self.shape = neuron_shape(lm, c.layer)
         if self.encoder is None:
             self.encoder = TextEncoder.load(c.encoder, c.pooling)
-        torch.manual_seed(c.seed)  # the networks' initialisation (fork_rng keeps the caller's generator)
-        self.fam = Familiarity(self.encoder.dim, c.fam_blocks, c.fam_classes)
-        self.gen = build_generator(c.generator, self.shape.size, self.encoder.dim, self._gen_spec())
-
-    def fork_build(self, lm: LM) -> None:
-        with torch.random.fork_rng(devices=[]):
-            self.build(lm)
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation; the caller's generator is left alone
+            torch.manual_seed(c.seed)
+            self.fam = Familiarity(self.encoder.dim, c.fam_blocks, c.fam_classes)
+            self.gen = build_generator(c.generator, self.shape.size, self.encoder.dim, self._gen_spec())
 
     def _gen_spec(self) -> dict:
         c = self.config
