@@ -403,3 +403,36 @@ def _fresh_generator(sets, tmp_path):
     ed = get_editor_class("meg").create(lm, {**sets})
     ed.build(lm)
     return ed.gen.state_dict()
+
+
+def test_meg_encoder_stage_resumes_after_an_interruption_to_the_same_layer(tmp_path):
+    from factedit.methods.meg import editor as megmod
+
+    over = dict(enc_epochs=13, gen_epochs=2, gen_eval_every=2, fam_epochs=10)
+    lm, ed, cases = _meg_setup(tmp_path, **over)
+    ed.fit(lm, cases, checkpoint=tmp_path / "ck-full")
+    want = ed.encoder.trainable_state()
+    lm, ed, cases = _meg_setup(tmp_path, **over)
+    real = megmod.train_encoder
+
+    def stop(*a, on_epoch=None, **k):
+        def hook(ep, opt, losses):
+            on_epoch(ep, opt, losses)
+            if ep == 12:  # past the checkpoint at 10: epochs 11-12 are lost and redone
+                raise KeyboardInterrupt
+
+        return real(*a, on_epoch=hook, **k)
+
+    megmod.train_encoder = stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ed.fit(lm, cases, checkpoint=tmp_path / "ck")
+    finally:
+        megmod.train_encoder = real
+    lm, ed, cases = _meg_setup(tmp_path, **over)
+    ed.fit(lm, cases, checkpoint=tmp_path / "ck")
+    got = ed.encoder.trainable_state()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    lm0, ed0, _ = _meg_setup(tmp_path, **over)
+    ed0.build(lm0)  # the encoder as loaded: training moved its last layer
+    assert any(not torch.equal(got[k], v) for k, v in ed0.encoder.trainable_state().items())

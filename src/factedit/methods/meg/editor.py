@@ -308,11 +308,9 @@ class MeGEditor(TrainedEditor):
                 tensors = {**{f"top.{k}": v for k, v in self.encoder.trainable_state().items()}, **t}
                 _write_main(folder, tensors, {"epoch": ep, "losses": losses + so_far, "opt": m})
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(c.seed + 1 + start)  # the last layer's dropout
-            new = train_encoder(self.encoder, [p for p, _ in pairs], [o for _, o in pairs], c.enc_epochs,
-                                lr=c.enc_lr, tau=c.enc_tau, batch_size=c.enc_batch, start_epoch=start,
-                                on_epoch=on_epoch)
+        new = train_encoder(self.encoder, [p for p, _ in pairs], [o for _, o in pairs], c.enc_epochs, lr=c.enc_lr,
+                            tau=c.enc_tau, batch_size=c.enc_batch, seed=c.seed + 1, start_epoch=start,
+                            on_epoch=on_epoch)
         return losses + new
 
     def _train_fam(self, net: Familiarity, emb: torch.Tensor, folder: Path | None, tag: str) -> list[float]:
@@ -500,4 +498,5 @@ def train_generator(gen: nn.Module, x0: torch.Tensor, cond: torch.Tensor, c: MeG
     gen.eval()
     if best_state:
         gen.load_state_dict(best_state)
-    return {"gen_rows": n, "gen_best": best, "gen_hist": hist[-3:] if hist else []}
+    return {"gen_rows": n, "gen_best": best, "gen_epochs_run": len(hist),
+            "gen_hist": [r for r in hist if "recon" in r]}  # the rows where the reconstruction was measured

@@ -177,11 +177,10 @@ def train_encoder(enc: TextEncoder, paraphrases: list[str], originals: list[str]
                   tau: float = 1.0, batch_size: int = 4000, seed: int = 0, start_epoch: int = 0,
                   on_epoch=None) -> list[float]:
     """InfoNCE on (paraphrase, original) pairs, only the last layer trained (AdamW). Batches are fixed, in order
-    (one step per epoch when every pair fits in one batch, as published); ``on_epoch(epoch, opt, losses)`` may
+    (one step per epoch when every pair fits in one batch, as published; the layer's dropout seeded per epoch); ``on_epoch(epoch, opt, losses)`` may
     checkpoint (``losses``: this call's so far). Returns the loss per epoch of this call."""
     if len(paraphrases) != len(originals) or not paraphrases:
         raise FactEditError("meg encoder training: one original per paraphrase, at least one pair")
-    del seed  # the batches are fixed: nothing is drawn (the caller seeds the last layer's dropout)
     top = enc.top
     for p in top.parameters():
         p.requires_grad_(True)
@@ -197,12 +196,14 @@ def train_encoder(enc: TextEncoder, paraphrases: list[str], originals: list[str]
         with torch.enable_grad():
             for ep in tqdm(range(start_epoch, epochs), desc="meg encoder", disable=None):
                 tot = 0.0
-                for (a, b), ca, cp in zip(chunks, cache_a, cache_p):
-                    loss = info_nce(enc.embed_cached(ca), enc.embed_cached(cp), tau)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    tot += float(loss) * (b - a)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed * 1_000_003 + ep)  # the layer's dropout, per epoch: a resume redraws it
+                    for (a, b), ca, cp in zip(chunks, cache_a, cache_p):
+                        loss = info_nce(enc.embed_cached(ca), enc.embed_cached(cp), tau)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        tot += float(loss) * (b - a)
                 losses.append(tot / len(paraphrases))
                 if on_epoch is not None:
                     on_epoch(ep + 1, opt, losses)
