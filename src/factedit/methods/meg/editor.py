@@ -465,7 +465,7 @@ def train_generator(gen: nn.Module, x0: torch.Tensor, cond: torch.Tensor, c: MeG
                 i, noise = diff.draw(b - a, x0.shape[1], g)  # the whole batch's, the same on every rank
                 if world == 1:
                     loss, parts = diff.loss(model, x0[a:b], cond[a:b], i=i, noise=noise)
-                    full = float(loss)
+                    full = float(loss.detach())
                 else:
                     cut = [a + (b - a) * r // world for r in range(world + 1)]
                     lo, hi = cut[rank], cut[rank + 1]
@@ -475,7 +475,7 @@ def train_generator(gen: nn.Module, x0: torch.Tensor, cond: torch.Tensor, c: MeG
                     rows, parts = diff.loss(model, x0[lo:hi], cond[lo:hi], i=i[lo - a : hi - a],
                                             noise=noise[lo - a : hi - a], reduce=False)
                     loss = rows.sum() * weight
-                    full = float(loss) / world  # this rank's share of the batch mean
+                    full = float(loss.detach()) / world  # this rank's share of the batch mean
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -173,6 +173,21 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> torch.
     return F.cross_entropy(sim, torch.arange(anchor.shape[0], device=anchor.device))
 
 
+def _sorted_states(enc: TextEncoder, texts: list[str], sub: int = 256):
+    """The cached lower states of ``texts`` in sub-batches of similar length (little padding: attention over a
+    4,000-row batch padded to its longest text is most of the cost), with the order to restore."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    states = enc.lower_states([texts[i] for i in order], batch_size=sub)
+    return states, torch.tensor(order)
+
+
+def _embed_sorted(enc: TextEncoder, cached) -> torch.Tensor:
+    """Embeddings (with gradients) of a batch cached by ``_sorted_states``, in the texts' original order."""
+    states, order = cached
+    emb = torch.cat([enc.embed_cached(c) for c in states])  # row k is text order[k]
+    return emb[torch.argsort(order).to(emb.device)]
+
+
 def train_encoder(enc: TextEncoder, paraphrases: list[str], originals: list[str], epochs: int, lr: float = 1e-4,
                   tau: float = 1.0, batch_size: int = 4000, seed: int = 0, start_epoch: int = 0,
                   on_epoch=None) -> list[float]:
@@ -188,8 +203,8 @@ def train_encoder(enc: TextEncoder, paraphrases: list[str], originals: list[str]
     if start_epoch and on_epoch is not None:
         on_epoch(-start_epoch, opt, [])  # a negative epoch: restore the optimiser state saved at |epoch|
     chunks = [(s, min(s + batch_size, len(paraphrases))) for s in range(0, len(paraphrases), batch_size)]
-    cache_a = [enc.lower_states(paraphrases[a:b], batch_size=b - a)[0] for a, b in chunks]
-    cache_p = [enc.lower_states(originals[a:b], batch_size=b - a)[0] for a, b in chunks]
+    cache_a = [_sorted_states(enc, paraphrases[a:b]) for a, b in chunks]
+    cache_p = [_sorted_states(enc, originals[a:b]) for a, b in chunks]
     losses = []
     top.train()
     try:
@@ -199,11 +214,11 @@ def train_encoder(enc: TextEncoder, paraphrases: list[str], originals: list[str]
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed * 1_000_003 + ep)  # the layer's dropout, per epoch: a resume redraws it
                     for (a, b), ca, cp in zip(chunks, cache_a, cache_p):
-                        loss = info_nce(enc.embed_cached(ca), enc.embed_cached(cp), tau)
+                        loss = info_nce(_embed_sorted(enc, ca), _embed_sorted(enc, cp), tau)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
-                        tot += float(loss) * (b - a)
+                        tot += float(loss.detach()) * (b - a)
                 losses.append(tot / len(paraphrases))
                 if on_epoch is not None:
                     on_epoch(ep + 1, opt, losses)

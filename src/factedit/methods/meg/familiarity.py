@@ -62,7 +62,7 @@ def train_familiarity(net: Familiarity, emb: torch.Tensor, labels: torch.Tensor,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot += float(loss) * len(idx)
+            tot += float(loss.detach()) * len(idx)
         losses.append(tot / len(order))
         if on_epoch is not None and on_epoch(ep + 1, net, opt):
             break
