@@ -68,6 +68,17 @@ def sample_batch(lm: LM, prompts: list[str], max_length: int = 100, top_k: int =
     return out
 
 
+def _decode_step(lm: LM, nxt: list[int], mask: torch.Tensor, n: torch.Tensor, step: int, past):
+    """One batched decoding step with the KV cache: row b's token ``nxt[b]`` at position ``n[b] + step`` (each
+    right-padded row continues at its own position). Returns the last logits (B, V), the grown mask and the cache."""
+    dev = lm.device
+    mask = torch.cat([mask, torch.ones(len(nxt), 1, dtype=mask.dtype, device=dev)], 1)
+    pos = (n + step).to(dev)[:, None]
+    o = lm.model(input_ids=torch.tensor(nxt, device=dev)[:, None], attention_mask=mask, position_ids=pos,
+                 past_key_values=past, use_cache=True)
+    return o.logits[:, -1], mask, o.past_key_values
+
+
 def _sample_chunk(lm: LM, prompts, max_length, top_k, seeds, greedy) -> list[str]:
     tok, dev = lm.tokenizer, lm.device
     seqs = [encode(tok, p) for p in prompts]
@@ -94,12 +105,8 @@ def _sample_chunk(lm: LM, prompts, max_length, top_k, seeds, greedy) -> list[str
                 nxt.append(t)
             if step == steps - 1:
                 break
-            mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype, device=dev)], 1)
-            pos = (n + step).to(dev)[:, None]
-            o = lm.model(input_ids=torch.tensor(nxt, device=dev)[:, None], attention_mask=mask, position_ids=pos,
-                         past_key_values=past, use_cache=True)
-            past = o.past_key_values
-            logits = o.logits[:, -1].float()
+            logits, mask, past = _decode_step(lm, nxt, mask, n, step, past)
+            logits = logits.float()
     return [tok.decode(x, skip_special_tokens=True) for x in new]
 
 
@@ -140,12 +147,7 @@ def _greedy_chunk(lm: LM, prompts: list[str], max_new_tokens: int) -> list[str]:
                         new[b].append(t)
             if all(done) or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype, device=dev)], 1)
-            pos = (n + step).to(dev)[:, None]
-            o = lm.model(input_ids=torch.tensor(nxt, device=dev)[:, None], attention_mask=mask, position_ids=pos,
-                         past_key_values=past, use_cache=True)
-            past = o.past_key_values
-            logits = o.logits[:, -1]
+            logits, mask, past = _decode_step(lm, nxt, mask, n, step, past)
     return [tok.decode(x, skip_special_tokens=True) for x in new]
 
 
